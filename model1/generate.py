@@ -1,0 +1,141 @@
+"""Batched generation over the paged KV cache (bf16 or FlashMLA FP8 formats).
+
+Prompts of different lengths are right-padded and prefilled in one full forward
+(attention in the training form; padding is segment 0, so it is never attended); each
+layer's cache vectors of the real tokens are then written into the paged cache. Decoding
+feeds one token per sequence at its own position: every layer writes its new cache
+vector and attends over the cache with FlashMLA semantics (``pallas_kernels.dense_decode``:
+``impl="xla"`` reference or ``"pallas"`` kernel). V32 decodes in absorbed form over the
+576-dim latent; MODEL1 over the shared 512-dim key=value with VVPA and the sink.
+
+The decode step is one jitted function of (params, caches, tokens, positions, block
+table): it compiles once per batch size and cache shape, never per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model1.kv_cache import PagedKVCache, kcache_format, slots_for, write_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 32
+  temperature: float = 0.0       # 0 = greedy
+  top_p: float = 1.0
+  stop_tokens: tuple[int, ...] = ()
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]              # generated ids per prompt (stop token included)
+  logits: np.ndarray | None            # [steps, B, V] next-token logits (return_logits)
+  cache: PagedKVCache
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
+  """Greedy when temperature == 0, else nucleus (top-p) sampling at that temperature."""
+  greedy = jnp.argmax(logits_BV, axis=-1)
+  t = jnp.maximum(temperature, 1e-6)
+  probs = jax.nn.softmax(logits_BV / t, axis=-1)
+  order = jnp.argsort(-probs, axis=-1)
+  sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+  keep = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p  # always keeps the top token
+  logp = jnp.where(keep, jnp.log(sorted_p), -jnp.inf)
+  choice = jax.random.categorical(key, logp, axis=-1)
+  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _prefill(graphdef, state, tokens_BT, segment_ids_BT):
+  model = nnx.merge(graphdef, state)
+  pos_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+  return model.prefill(tokens_BT, pos_BT, segment_ids_BT)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _write_prefill(caches, kvs, block_table_BZ, lens_B):
+  T = kvs[0].shape[1]
+  pos_BT = jnp.broadcast_to(jnp.arange(T), (lens_B.shape[0], T))
+  slots = slots_for(block_table_BZ, pos_BT, caches[0].block_size, pos_BT < lens_B[:, None])
+  return [write_layer(c, kv, slots) for c, kv in zip(caches, kvs)]
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode_step(graphdef, impl, state, caches, tokens_B, pos_B, block_table_BZ, key,
+                 temperature, top_p):
+  model = nnx.merge(graphdef, state)
+  logits_B1V, caches = model.decode(tokens_B[:, None], pos_B[:, None], caches, block_table_BZ,
+                                    pos_B + 1, jnp.ones((tokens_B.shape[0], 1), bool), impl)
+  nxt = sample(logits_B1V[:, 0], key, temperature, top_p)
+  return logits_B1V[:, 0], nxt, caches
+
+
+def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
+             *, cache_format: str = "bf16", block_size: int = 64, impl: str = "xla",
+             return_logits: bool = False) -> Generation:
+  """Generate continuations of token-id ``prompts`` (lists of different lengths)."""
+  cfg = model.cfg
+  fmt = kcache_format(cache_format, cfg.attention.geometry)
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError(f"prompts lengths={[len(p) for p in prompts]}; expected a non-empty "
+                     f"list of non-empty token-id lists")
+  for i, p in enumerate(prompts):
+    bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompts[{i}] contains token id {bad[0]}; expected ids in "
+                       f"[0, {cfg.vocab_size})")
+  if sampling.max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={sampling.max_new_tokens}; expected >= 1")
+  B = len(prompts)
+  lens = np.array([len(p) for p in prompts], np.int32)
+  total = int(lens.max()) + sampling.max_new_tokens
+  cache = PagedKVCache.create(cfg.n_layers, B, total, fmt, cfg.attention.d_qk, block_size)
+  cache.reserve(lens + sampling.max_new_tokens)
+
+  graphdef, state = nnx.split(model)
+  T = int(lens.max())
+  toks = np.zeros((B, T), np.int32)
+  seg = np.zeros((B, T), np.int32)
+  for b, p in enumerate(prompts):
+    toks[b, :len(p)], seg[b, :len(p)] = p, 1
+  logits_BTV, kvs = _prefill(graphdef, state, jnp.asarray(toks), jnp.asarray(seg))
+  table = jnp.asarray(cache.block_table)
+  cache.layers = _write_prefill(cache.layers, kvs, table, jnp.asarray(lens))
+  cache.seqlens[:] = lens
+  last_BV = logits_BTV[jnp.arange(B), jnp.asarray(lens) - 1]
+
+  key = jax.random.key(sampling.seed)
+  key, sub = jax.random.split(key)
+  nxt = sample(last_BV, sub, sampling.temperature, sampling.top_p)
+  out = [[] for _ in range(B)]
+  done = np.zeros(B, bool)
+  trace = [np.asarray(last_BV)] if return_logits else None
+  pos = jnp.asarray(lens)
+  stop = set(int(s) for s in sampling.stop_tokens)
+  for step in range(sampling.max_new_tokens):
+    nxt_np = np.asarray(nxt)
+    for b in range(B):
+      if not done[b]:
+        out[b].append(int(nxt_np[b]))
+        done[b] = int(nxt_np[b]) in stop or len(out[b]) >= sampling.max_new_tokens
+    if done.all():
+      break
+    key, sub = jax.random.split(key)
+    logits_BV, nxt, cache.layers = _decode_step(graphdef, impl, state, cache.layers, nxt, pos,
+                                                table, sub, sampling.temperature,
+                                                sampling.top_p)
+    pos = pos + 1
+    cache.seqlens[:] = np.asarray(pos)
+    if return_logits:
+      trace.append(np.asarray(logits_BV))
+  return Generation(out, np.stack(trace) if return_logits else None, cache)

@@ -1,0 +1,231 @@
+"""Optimisers: AdamW, or Muon for weight matrices with AdamW for everything else.
+
+What. ``make_optimizer(cfg)`` returns one optax ``GradientTransformation`` for the whole
+parameter tree (use it as ``nnx.Optimizer(model, tx, wrt=nnx.Param)``):
+
+  clip_by_global_norm(clip)                        (on the whole gradient, both branches)
+  -> AdamW(lr_schedule, b1, b2, eps, weight_decay)   every leaf, or with ``muon=True``:
+  -> partition by parameter path and shape:
+       Muon leaves: optax.contrib.scale_by_muon (Nesterov momentum + Newton–Schulz
+         orthogonalisation) -> shape scaling -> decoupled weight decay -> muon_lr schedule
+       other leaves: AdamW as above
+  -> optax.MultiSteps(every_k_schedule=grad_accum)    when grad_accum > 1
+
+Schedule: linear warm-up from peak/warmup_steps to the peak over ``warmup_steps``, then
+cosine decay to ``min_lr_ratio``·peak at ``total_steps`` (optax's schedule); Muon uses
+the same shape with its own peak ``muon_lr``. Steps count optimizer updates (with
+accumulation: one per ``grad_accum`` micro-batches).
+
+Muon partition (``muon_mask``). A leaf goes to Muon iff it has ≥ 2 dimensions and is not
+excluded by name or logical axis:
+  * excluded names — any path component equal to one of ``cfg.adamw_names`` (default:
+    embed, embedding, head, gate, norm, scale, bias, ape, sink, conv): embeddings, the
+    output head, the MoE router (V4 calls it ``gate``), norms, mHC's static biases and
+    gating factors, the compressor's positional bias ``ape``, attention sinks and the
+    depthwise conv kernel. Exact component match: ``hc_head.fn`` (a path component
+    ``hc_head``) is not the output ``head``.
+  * excluded axes — a leaf whose ``logical_axes`` metadata contains "vocab" or
+    "engram_rows" (token embedding / output head / Engram tables, however named); only
+    visible when the tree holds ``nnx.Variable`` leaves (optimizer init), so names must
+    also catch them for the update pass — a mismatch raises at ``init``.
+  * ≥ 3-D leaves (stacked MoE experts [E, D, F], grouped ``wo_a`` [G, ., .]) are
+    batches of matrices: the last two axes are (fan-in, fan-out), every leading axis is
+    a batch axis orthogonalised independently (``MuonDimensionNumbers``).
+  Everything 1-D (norm weights, biases, mHC base/scale, sinks) is AdamW by shape.
+This follows the DeepSeek-V4 report (Muon for most matrices; AdamW for the embedding,
+prediction head, mHC static biases and gating factors, RMSNorm weights) plus the router
+on AdamW; mHC's dynamic projections ``fn`` are matrices and go to Muon.
+
+Gradient accumulation: ``optax.MultiSteps`` inside the returned transformation. Call
+``optimizer.update(model, grads)`` on every micro-batch; parameters move on every
+``grad_accum``-th call with the mean gradient. ``is_accumulation_boundary(opt_state)``
+tells the train step when that happened (e.g. to apply MoE bias updates then).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib._muon import scale_by_shape
+
+DEFAULT_ADAMW_NAMES = ("embed", "embedding", "head", "gate", "norm", "scale", "bias", "ape",
+                       "sink", "conv")
+ADAMW_AXES = ("vocab", "engram_rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimiser settings.
+
+  lr: AdamW peak learning rate.  warmup_steps / total_steps: schedule length in
+  optimizer steps.  min_lr_ratio: final lr / peak.  weight_decay: decoupled, both
+  branches (1-D leaves — norms, biases — are not decayed unless ``wd_1d``).
+  b1, b2, eps: Adam moments.  clip: global-norm clip (0 = off).
+  muon: route matrices to Muon.  muon_lr: Muon peak lr.  muon_beta: Muon momentum.
+  muon_ns_steps: Newton–Schulz iterations.  muon_consistent_rms: None = Keller Jordan's
+  sqrt(max(1, fan_out/fan_in)) scaling; 0.2 = Moonlight's AdamW-matched RMS.
+  grad_accum: micro-batches per optimizer step.  adamw_names: path components kept on
+  AdamW (see module docstring).  wd_1d: also decay 1-D leaves (norms, biases).
+  """
+  lr: float = 3e-4
+  warmup_steps: int = 100
+  total_steps: int = 10_000
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip: float = 1.0
+  muon: bool = False
+  muon_lr: float = 0.02
+  muon_beta: float = 0.95
+  muon_ns_steps: int = 5
+  muon_consistent_rms: float | None = None
+  grad_accum: int = 1
+  adamw_names: tuple[str, ...] = DEFAULT_ADAMW_NAMES
+  wd_1d: bool = False
+
+  def __post_init__(self):
+    def need(ok, name, expected):
+      if not ok:
+        raise ValueError(f"OptimConfig.{name}={getattr(self, name)!r}; expected {expected}")
+    need(self.lr > 0, "lr", "a float > 0")
+    need(self.muon_lr > 0, "muon_lr", "a float > 0")
+    need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
+         "an int >= 0")
+    need(isinstance(self.total_steps, int) and self.total_steps > self.warmup_steps,
+         "total_steps", f"an int > warmup_steps={self.warmup_steps}")
+    need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a float in [0, 1]")
+    need(self.weight_decay >= 0, "weight_decay", "a float >= 0")
+    need(0 <= self.b1 < 1, "b1", "a float in [0, 1)")
+    need(0 <= self.b2 < 1, "b2", "a float in [0, 1)")
+    need(self.clip >= 0, "clip", "a float >= 0 (0 = no clipping)")
+    need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum",
+         "an int >= 1")
+    need(isinstance(self.muon_ns_steps, int) and self.muon_ns_steps >= 1, "muon_ns_steps",
+         "an int >= 1")
+
+
+def lr_schedule(cfg: OptimConfig, peak: float | None = None) -> optax.Schedule:
+  """Warm-up + cosine schedule (peak = cfg.lr unless given). Starts at peak/warmup_steps,
+  not 0, so the first optimizer step is not a no-op."""
+  peak = cfg.lr if peak is None else peak
+  return optax.warmup_cosine_decay_schedule(
+      init_value=peak / max(cfg.warmup_steps, 1), peak_value=peak,
+      warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.total_steps, end_value=peak * cfg.min_lr_ratio)
+
+
+# ------------------------------------------------------------------------------ partition
+
+
+def _names(path) -> tuple[str, ...]:
+  out = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(str(k.idx))
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _value(x):
+  return x.get_value() if _is_var(x) else x
+
+
+def _leaf_is_muon(path, leaf, adamw_names) -> bool:
+  val = _value(leaf)
+  if getattr(val, "ndim", 0) < 2:
+    return False
+  if any(n in adamw_names for n in _names(path)):
+    return False
+  if _is_var(leaf):
+    axes = leaf.get_metadata().get("logical_axes") or ()
+    if any(a in ADAMW_AXES for a in axes):
+      raise ValueError(
+          f"parameter {'/'.join(_names(path))} has logical_axes={tuple(axes)} (an "
+          f"embedding/head-like axis) but a name that would send it to Muon; expected a "
+          f"path component in OptimConfig.adamw_names={adamw_names} (rename the "
+          f"parameter or add its name there)")
+  return True
+
+
+def muon_mask(params: Any, adamw_names: tuple[str, ...] = DEFAULT_ADAMW_NAMES) -> Any:
+  """Bool tree (same structure as ``params``, nnx.Variable leaves kept as leaves): True
+  where the leaf goes to Muon. ``params``: an nnx.State (Variables or pure arrays)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: _leaf_is_muon(p, x, adamw_names), params, is_leaf=_is_var)
+
+
+def _labels(params, adamw_names):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: "muon" if _leaf_is_muon(p, x, adamw_names) else "adamw",
+      params, is_leaf=_is_var)
+
+
+def _wd_mask(cfg: OptimConfig):
+  if cfg.wd_1d:
+    return None
+  return lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def _adamw(cfg: OptimConfig) -> optax.GradientTransformation:
+  return optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=_wd_mask(cfg))
+
+
+def _muon(cfg: OptimConfig) -> optax.GradientTransformation:
+  def dims(params):
+    # inside optax.partition the Muon branch sees a masked tree (MaskedNode elsewhere);
+    # a MaskedNode is an empty pytree, so mapping over it leaves it in place.
+    def one(p, x):
+      nd = _value(x).ndim
+      return MuonDimensionNumbers(reduction_axis=nd - 2, output_axis=nd - 1)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_var)
+
+  return optax.chain(
+      scale_by_muon(ns_steps=cfg.muon_ns_steps, beta=cfg.muon_beta, nesterov=True,
+                    weight_dimension_numbers=dims),
+      scale_by_shape(weight_dimension_numbers=dims, consistent_rms=cfg.muon_consistent_rms),
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.scale_by_learning_rate(lr_schedule(cfg, cfg.muon_lr)),
+  )
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """The full transformation (clip -> AdamW | Muon+AdamW partition -> MultiSteps)."""
+  if cfg.muon:
+    names = cfg.adamw_names
+    body = optax.partition({"muon": _muon(cfg), "adamw": _adamw(cfg)},
+                           lambda params: _labels(params, names))
+  else:
+    body = _adamw(cfg)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip), body) if cfg.clip > 0 else body
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+  return tx
+
+
+def is_accumulation_boundary(opt_state: Any) -> jax.Array | bool:
+  """True when the last ``update`` applied parameters (always, without accumulation).
+  ``opt_state`` is ``nnx.Optimizer.opt_state`` or a raw optax state."""
+  st = nnx.as_pure(opt_state) if isinstance(opt_state, (nnx.State, nnx.Variable)) else opt_state
+  if isinstance(st, optax.MultiStepsState):
+    return st.mini_step == 0
+  return True

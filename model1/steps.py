@@ -1,0 +1,85 @@
+"""The one train step and eval step (shared by train.py, eval.py, benchmarks, notebooks).
+
+``loss_fn`` is token-level cross-entropy over ``loss_mask`` (next-token targets inside a
+document; padding and document boundaries masked). ``train_step`` accumulates gradients
+over ``grad_accum`` micro-batches with ``lax.scan`` (one compiled body, whatever the
+count) and applies the optimizer once. ``check_batch`` validates a host batch before jit.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from model1.config import ModelConfig
+
+
+def check_batch(batch: dict, cfg: ModelConfig) -> None:
+  """Host-boundary validation (data-dependent checks cannot run inside jit)."""
+  for key in ("inputs", "targets"):
+    x = np.asarray(batch[key])
+    if x.ndim != 2:
+      raise ValueError(f"batch[{key!r}] has shape {x.shape}; expected [batch, seq_len]")
+    if x.size and (x.min() < 0 or x.max() >= cfg.vocab_size):
+      bad = int(x.min()) if x.min() < 0 else int(x.max())
+      raise ValueError(f"batch[{key!r}] contains token id {bad}; expected ids in "
+                       f"[0, {cfg.vocab_size}) (model.vocab_size={cfg.vocab_size})")
+    if x.shape[1] > cfg.max_seq_len:
+      raise ValueError(f"batch[{key!r}] has sequence length {x.shape[1]}; expected at most "
+                       f"model.max_seq_len={cfg.max_seq_len}")
+
+
+def loss_fn(model, batch: dict):
+  logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  mask_BT = batch["loss_mask"]
+  n = jnp.maximum(mask_BT.sum(), 1.0)
+  loss = (ce_BT * mask_BT).sum() / n
+  return loss, {"loss": loss, "tokens": mask_BT.sum()}
+
+
+def _split_micro(batch: dict, k: int) -> dict:
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by train.grad_accum={k}")
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+  return jax.tree.map(one, batch)
+
+
+@nnx.jit(static_argnames=("grad_accum",))
+def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
+  """One optimizer step over ``batch`` (split into ``grad_accum`` micro-batches)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def micro_loss(p, mb):
+    return loss_fn(nnx.merge(graphdef, p, rest), mb)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if grad_accum == 1:
+    (_, aux), grads = grad_fn(params, batch)
+    loss = aux["loss"]
+  else:
+    def body(acc, mb):
+      (_, aux), g = grad_fn(params, mb)
+      # weight each micro-batch by its token count so the result is the full-batch mean
+      w = aux["tokens"]
+      acc_g, acc_l, acc_n = acc
+      return (jax.tree.map(lambda a, b: a + b * w, acc_g, g), acc_l + aux["loss"] * w,
+              acc_n + w), None
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (gsum, lsum, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, grad_accum))
+    n = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / n, gsum)
+    loss = lsum / n
+  grad_norm = optax.global_norm(grads)
+  optimizer.update(model, grads)
+  return {"loss": loss, "grad_norm": grad_norm}
+
+
+@nnx.jit
+def eval_step(model, batch: dict):
+  """Summed loss and token count (callers average over batches)."""
+  loss, aux = loss_fn(model, batch)
+  return {"loss_sum": loss * aux["tokens"], "tokens": aux["tokens"]}

@@ -1,0 +1,186 @@
+"""The training loop behind ``train.py``: mesh, data, sharded model, checkpoints, metrics.
+
+``run(config, workdir)`` trains ``config.train.steps`` steps, resuming from the latest
+checkpoint in ``workdir`` when there is one. Checkpoints every ``ckpt_every`` steps keep
+the last ``keep_checkpoints``; SIGTERM/SIGINT save one at the current step before
+returning (``preempt_at_step`` sends SIGTERM to this process at that step, so the real
+signal path is testable). Metrics go to ``<workdir>/metrics.jsonl`` (one JSON object per
+logged step: step, loss, tokens_per_s, grad_norm, lr, val_loss when evaluated) and a
+loss-curve PNG is written at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model1 import checkpoint, data, optim, sharding, steps
+from model1.config import model_config_from_dict
+from model1.model import Transformer
+
+
+def build_model_and_optimizer(model_cfg, train_cfg, mesh, seed: int):
+  """Model and optimizer created directly in their sharded layout."""
+  tx = optim.make_optimizer(optim.config_from_train(train_cfg))
+
+  def build():
+    model = Transformer(model_cfg, nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return sharding.create_sharded(build, mesh)
+
+
+def put_batch(batch: dict, mesh) -> dict:
+  """Host numpy batch -> global jax arrays sharded over the batch axes. Every host
+  computes the same global batch (a pure function of seed and step) and contributes the
+  slices it owns, so this also works multi-host."""
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  out = {}
+  for k, v in batch.items():
+    shd = sharding.batch_sharding(mesh, v.ndim)
+    out[k] = jax.make_array_from_callback(v.shape, shd, lambda idx, v=v: v[idx])
+  return out
+
+
+def load_dataset(cfg) -> data.Dataset:
+  d = cfg.data
+  paths = [p for p in str(d.paths).split(",") if p] or None
+  return data.Dataset(paths=paths, seq_len=d.seq_len, batch_size=d.batch_size, seed=cfg.seed,
+                      tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size,
+                      val_percent=d.val_percent, cache_dir=d.cache_dir or None)
+
+
+def evaluate(model, ds: data.Dataset, mesh, n_batches: int) -> float:
+  tot, n = 0.0, 0.0
+  for i in range(min(n_batches, ds.num_val_batches())):
+    out = steps.eval_step(model, put_batch(ds.batch(i, "val"), mesh))
+    tot += float(out["loss_sum"])
+    n += float(out["tokens"])
+  return tot / max(n, 1.0)
+
+
+class _Stop:
+  def __init__(self):
+    self.signum = None
+
+  def __call__(self, signum, frame):
+    self.signum = signum
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+  if not path.exists():
+    return []
+  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return [r for r in rows if r["step"] <= upto]
+
+
+def plot_metrics(rows: list[dict], out: Path, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+  val = [r for r in rows if "val_loss" in r]
+  if val:
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+
+
+def run(cfg, workdir: str | Path) -> dict:
+  """Train; returns a summary dict (final step, last loss, whether preempted)."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  model_cfg = model_config_from_dict(cfg.model)
+  t = cfg.train
+  mesh = sharding.make_mesh(**cfg.mesh.to_dict())
+  ds = load_dataset(cfg)
+  if ds.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"tokenizer vocabulary {ds.vocab_size} exceeds model.vocab_size="
+                     f"{model_cfg.vocab_size}; expected model.vocab_size >= {ds.vocab_size}")
+  if cfg.data.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"data.seq_len={cfg.data.seq_len}; expected at most model.max_seq_len="
+                     f"{model_cfg.max_seq_len}")
+  checkpoint.write_provenance(workdir, cfg.to_dict(), ds.manifest)
+  model, opt = build_model_and_optimizer(model_cfg, t, mesh, cfg.seed)
+  ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
+  rng = jax.random.key(cfg.seed)
+  start = ckpt.latest_step() or 0
+  if start:
+    rng = ckpt.restore(start, model, opt, cfg.model.to_dict(), mesh)
+  metrics_path = workdir / "metrics.jsonl"
+  rows = _read_metrics(metrics_path, start)
+  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  stop = _Stop()
+  old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  bar = None
+  if t.progress:
+    from tqdm import tqdm
+    bar = tqdm(total=t.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
+  summary = {"start_step": start, "preempted": False}
+  last_t, last_step, out = time.perf_counter(), start, None
+  step = start
+  try:
+    with sharding.use_mesh(mesh), open(metrics_path, "a") as mf:
+      for step in range(start, t.steps):
+        if step == t.preempt_at_step:
+          os.kill(os.getpid(), signal.SIGTERM)
+        if stop.signum is not None:
+          ckpt.save(step, model, opt, rng, cfg.model.to_dict(), force=True)
+          ckpt.wait()
+          summary["preempted"] = True
+          print(f"\nreceived signal {stop.signum}: checkpoint saved at step {step}", flush=True)
+          break
+        batch = ds.batch(step)
+        steps.check_batch(batch, model_cfg)
+        out = steps.train_step(model, opt, put_batch(batch, mesh), grad_accum=t.grad_accum)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+          loss = float(out["loss"])
+          if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {done}")
+          now = time.perf_counter()
+          row = {"step": done, "loss": loss, "grad_norm": float(out["grad_norm"]),
+                 "lr": float(optim.learning_rate(optim.config_from_train(t), step)),
+                 "tokens_per_s": (done - last_step) * tokens_per_step / (now - last_t)}
+          if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            row["val_loss"] = evaluate(model, ds, mesh, t.eval_batches)
+          mf.write(json.dumps(row) + "\n")
+          mf.flush()
+          if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+          last_t, last_step = time.perf_counter(), done
+        if bar is not None:
+          bar.update(1)
+        if t.ckpt_every and done % t.ckpt_every == 0 and done < t.steps:
+          ckpt.save(done, model, opt, rng, cfg.model.to_dict())
+      else:
+        step = t.steps
+        if ckpt.latest_step() != t.steps:
+          ckpt.save(t.steps, model, opt, rng, cfg.model.to_dict(), force=True)
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+  rows = _read_metrics(metrics_path, step)
+  if rows:
+    plot_metrics(rows, workdir / "loss.png", cfg.name)
+  summary.update(step=step, last_loss=rows[-1]["loss"] if rows else None)
+  return summary

@@ -1,0 +1,37 @@
+"""pallas_kernels: FlashMLA-compatible KV-cache formats and attention for JAX.
+
+Imports jax and numpy only (never ``model1``).  See ``../shared/DESIGN.md`` §3-§5.
+
+  fp8_cache       the "v32" (656 B/token), "model1" (584 B/token) and "bf16" cache
+                  formats: byte-exact FlashMLA packing, the ``KCache`` structure-of-arrays
+                  layout that kernels read, paged writes.
+  sparse_decode   ``sparse_decode`` (FlashMLA flash_mla_with_kvcache + indices).
+  dense_decode    ``dense_decode`` (flash_mla_with_kvcache, paged, optional causal).
+  sparse_prefill  ``sparse_prefill`` (flash_mla_sparse_fwd).
+  combine         split-KV log-sum-exp combine and the shared softmax bookkeeping.
+
+Each attention function takes ``impl="xla"`` (plain-jnp reference, the test oracle) or
+``impl="pallas"`` (kernels, to come); ``*_reference`` are the oracles themselves.
+"""
+from pallas_kernels.combine import combine_splits
+from pallas_kernels.dense_decode import dense_decode, dense_decode_reference
+from pallas_kernels.fp8_cache import (
+    FORMATS,
+    GEOMETRY,
+    KCache,
+    as_kcache,
+    block_bytes,
+    bytes_per_token,
+    dequantize_k_cache,
+    quantize_k_cache,
+    write_k_cache,
+)
+from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from pallas_kernels.sparse_prefill import sparse_prefill, sparse_prefill_reference
+
+__all__ = [
+    "FORMATS", "GEOMETRY", "KCache", "as_kcache", "block_bytes", "bytes_per_token",
+    "combine_splits", "dense_decode", "dense_decode_reference", "dequantize_k_cache",
+    "quantize_k_cache", "sparse_decode", "sparse_decode_reference", "sparse_prefill",
+    "sparse_prefill_reference", "write_k_cache",
+]

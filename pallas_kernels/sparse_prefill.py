@@ -1,0 +1,116 @@
+"""Sparse prefill attention over a bf16 KV buffer: FlashMLA's ``flash_mla_sparse_fwd``
+(DESIGN.md §4).  Public entry point plus the plain-jnp reference for the kernels.
+
+What it computes, per query position t and head n, over the keys the indices pick:
+    valid x:   0 <= indices[t, 0, x] < s_kv  and  x < topk_length[t]
+    logits     l_x = sm_scale * q[t, n] . kv[indices[t, 0, x], 0]     (fp32 accumulate)
+    max_logits = max_x l_x            (-inf if nothing is valid)
+    lse        = log sum_x exp(l_x)   (+inf if nothing is valid; natural log)
+    out        = softmax(l) @ kv[..., :d_v] * 1 / (1 + exp(attn_sink[n] - lse))   (0 if none)
+max_logits and lse are those of the *scaled* logits (sm_scale applied), natural log: this is
+FlashMLA's ``tests/ref.py`` (``ref_sparse_attn_fwd``) and kernels; its README's "base 2" is
+wrong, and "unscaled" in DESIGN §4 means not multiplied by log2(e).  The sink changes out
+only; +-inf sinks behave as in decode.  Invalid slots are removed with selects, so a NaN key
+behind an invalid index (or past topk_length) never reaches the output.
+
+Shapes (letter key: T query positions, N query heads, S key positions, X top-k, H head
+dim, V value dim): q ``[T, N, H]`` bf16; kv ``[S, 1, H]`` bf16 (one KV head); indices
+``[T, 1, X]`` int32; attn_sink ``[N]`` fp32; topk_length ``[T]`` int32.
+Returns out ``[T, N, V]`` bf16, max_logits ``[T, N]`` fp32, lse ``[T, N]`` fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import combine
+from pallas_kernels.fp8_cache import require
+
+IMPLS = ("xla", "pallas")
+
+
+def validate_sparse_prefill_args(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None,
+                                 topk_length=None):
+  """Check shapes/dtypes; out-of-range indices are legal (they mean "invalid")."""
+  require(hasattr(q, "shape") and q.ndim == 3 and q.dtype == jnp.bfloat16,
+          f"q shape={getattr(q, 'shape', None)} dtype={getattr(q, 'dtype', None)}: "
+          "expected bf16 [s_q, h_q, d_qk]")
+  s_q, h_q, d_qk = q.shape
+  require(hasattr(kv, "shape") and kv.ndim == 3 and kv.shape[1:] == (1, d_qk)
+          and kv.dtype == jnp.bfloat16,
+          f"kv shape={getattr(kv, 'shape', None)} dtype={getattr(kv, 'dtype', None)}: "
+          f"expected bf16 [s_kv, 1, {d_qk}]")
+  require(hasattr(indices, "shape") and indices.ndim == 3 and indices.shape[:2] == (s_q, 1)
+          and indices.dtype == jnp.int32,
+          f"indices shape={getattr(indices, 'shape', None)} dtype={getattr(indices, 'dtype', None)}: "
+          f"expected int32 [{s_q}, 1, topk]")
+  require(isinstance(d_v, int) and 0 < d_v <= d_qk,
+          f"d_v={d_v!r}: expected an int in (0, {d_qk}] (512 for v32 and model1)")
+  require(sm_scale is not None, "sm_scale=None: flash_mla_sparse_fwd needs an explicit scale")
+  topk = indices.shape[-1]
+  if topk_length is None:
+    topk_length = jnp.full((s_q,), topk, jnp.int32)
+  require(hasattr(topk_length, "shape") and topk_length.shape == (s_q,)
+          and jnp.issubdtype(topk_length.dtype, jnp.integer),
+          f"topk_length shape={getattr(topk_length, 'shape', None)} dtype={getattr(topk_length, 'dtype', None)}: "
+          f"expected int32 [{s_q}]")
+  if attn_sink is None:
+    attn_sink = jnp.full((h_q,), -jnp.inf, jnp.float32)               # -inf: exact no-op
+  require(hasattr(attn_sink, "shape") and attn_sink.shape == (h_q,)
+          and attn_sink.dtype == jnp.float32,
+          f"attn_sink shape={getattr(attn_sink, 'shape', None)} dtype={getattr(attn_sink, 'dtype', None)}: "
+          f"expected float32 [{h_q}]")
+  return dict(q=q, kv=kv, indices=indices, sm_scale=jnp.asarray(sm_scale, jnp.float32),
+              attn_sink=attn_sink, topk_length=jnp.asarray(topk_length, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("d_v",))
+def _reference_core(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v):
+  s_kv = kv.shape[0]
+  idx_TX = indices[:, 0, :]
+  x_pos = jnp.arange(idx_TX.shape[-1], dtype=jnp.int32)
+  valid_TX = (idx_TX >= 0) & (idx_TX < s_kv) & (x_pos[None, :] < topk_length[:, None])
+  k_TXH = kv[jnp.clip(idx_TX, 0, s_kv - 1), 0].astype(jnp.float32)
+  k_TXH = jnp.where(valid_TX[..., None], k_TXH, 0.0)
+  hp = jax.lax.Precision.HIGHEST
+  logits_TNX = jnp.einsum("tnh,txh->tnx", q.astype(jnp.float32), k_TXH, precision=hp) * sm_scale
+  p_TNX, lse_TN, max_TN = combine.masked_softmax(logits_TNX, valid_TX[:, None, :])
+  out_TNV = jnp.einsum("tnx,txv->tnv", p_TNX, k_TXH[..., :d_v], precision=hp)
+  out_TNV, lse_TN = combine.finalize(out_TNV, lse_TN, attn_sink)
+  return out_TNV, max_TN, lse_TN
+
+
+def sparse_prefill_reference(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None,
+                             topk_length=None):
+  """Plain-jnp oracle (fp32 math).  Arguments as ``sparse_prefill``."""
+  args = validate_sparse_prefill_args(q, kv, indices, sm_scale=sm_scale, d_v=d_v,
+                                      attn_sink=attn_sink, topk_length=topk_length)
+  return _reference_core(**args, d_v=d_v)
+
+
+def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_length=None,
+                   impl="xla"):
+  """Sparse prefill attention (FlashMLA ``flash_mla_sparse_fwd``).
+
+  Args:
+    q: bf16 ``[s_q, h_q, d_qk]``;  kv: bf16 ``[s_kv, 1, d_qk]``.
+    indices: int32 ``[s_q, 1, topk]``; entries < 0 or >= s_kv are invalid (not an error).
+    sm_scale: softmax scale (required, as in FlashMLA).
+    d_v: value dims (the first d_v of the key).
+    attn_sink: optional fp32 ``[h_q]``: out *= 1/(1+exp(sink-lse)); lse/max_logits unchanged.
+    topk_length: optional int32 ``[s_q]``: query t uses indices[t, 0, :topk_length[t]].
+    impl: "xla" (the reference) or "pallas" (kernels; not implemented yet).
+  Returns:
+    out bf16 ``[s_q, h_q, d_v]``, max_logits fp32 ``[s_q, h_q]`` (-inf if no valid index),
+    lse fp32 ``[s_q, h_q]`` (+inf if no valid index), both of the scaled logits, natural log.
+  """
+  require(impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}")
+  args = validate_sparse_prefill_args(q, kv, indices, sm_scale=sm_scale, d_v=d_v,
+                                      attn_sink=attn_sink, topk_length=topk_length)
+  if impl == "pallas":
+    raise NotImplementedError(
+        "sparse_prefill(impl='pallas'): the Pallas sparse-prefill kernel is not written yet; "
+        "use impl='xla' (the jnp reference) for now")
+  return _reference_core(**args, d_v=d_v)

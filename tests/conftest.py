@@ -1,0 +1,47 @@
+"""Test setup: 8 fake CPU devices (sharding tests), a shared corpus/tokenizer cache, and
+session-scoped fixtures so tests share data loading and compilations."""
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("MODEL1_CACHE", str(Path.home() / ".cache" / "model1"))
+sys.path.insert(0, str(ROOT))
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def shrink(cfg, seq_len=32, batch_size=4):
+  """Tiny-size overrides for any config: small width/depth, exact head geometry kept."""
+  m = cfg.model
+  m.d_model, m.n_layers, m.ffn.hidden = 64, min(m.n_layers, 2), 128
+  m.attention.n_heads, m.attention.q_lora_rank = 2, 32
+  m.attention.o_groups, m.attention.o_lora_rank = 2, 32
+  m.max_seq_len = max(seq_len, 64)
+  m.dtype = "float32"
+  cfg.data.seq_len, cfg.data.batch_size = seq_len, batch_size
+  cfg.train.progress = False
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  return load_config(ROOT / "configs" / "tiny.py")
+
+
+@pytest.fixture(scope="session")
+def dataset():
+  """The real corpus (stdlib sources), tokenized with the tiny config's BPE vocab."""
+  from model1 import data
+  cfg = load_config(ROOT / "configs" / "tiny.py")
+  return data.Dataset(seq_len=64, batch_size=8, vocab_size=cfg.model.vocab_size)

@@ -1,0 +1,91 @@
+"""Data pipeline and host-boundary validation."""
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model1 import config, data, steps
+from model1.model import Transformer
+
+
+def test_stdlib_manifest_excludes_site_packages(dataset):
+  paths = [e["path"] for e in dataset.manifest["files"]]
+  assert len(paths) > 500 and all(p.endswith(".py") for p in paths)
+  assert not any("site-packages" in p or "dist-packages" in p for p in paths)
+  assert all(len(e["sha256"]) == 64 for e in dataset.manifest["files"])
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(dataset):
+  a, b = dataset.batch(17), dataset.batch(17)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(dataset.batch(18)["inputs"], a["inputs"])
+  # targets are the next tokens; loss is masked across document boundaries and padding
+  np.testing.assert_array_equal(a["inputs"][:, 1:], a["targets"][:, :-1])
+  seg = a["segment_ids"]
+  assert a["loss_mask"][a["segment_ids"] == 0].sum() == 0
+  assert a["inputs"].max() < dataset.vocab_size
+
+
+def test_train_and_validation_split_by_file(dataset):
+  assert dataset.train.n_docs > 10 * dataset.val.n_docs > 0
+
+
+def test_packing_segments_and_positions():
+  s = data.pack([np.array([5, 6, 7]), np.array([8, 9])], seq_len=4)
+  # stream: 5 6 7 eos 8 | 9 eos pad pad pad
+  np.testing.assert_array_equal(s.segments, [[1, 1, 1, 1, 2], [1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(s.positions[0], [0, 1, 2, 3, 0])
+  np.testing.assert_array_equal(s.positions[1][:2], [0, 1])
+
+
+def test_packed_documents_do_not_attend_across_boundary():
+  cfg = config.preset("tiny", "model1")
+  cfg = dataclasses.replace(cfg, vocab_size=50, d_model=32, attention=dataclasses.replace(
+      cfg.attention, n_heads=2, q_lora_rank=16, o_lora_rank=16), ffn=config.FFNConfig(64))
+  m = Transformer(cfg, nnx.Rngs(0))
+  doc1, doc2 = jnp.array([3, 4, 5, 6]), jnp.array([7, 8, 9])
+  packed = jnp.concatenate([doc1, doc2])[None]
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 2]])
+  pos = jnp.array([[0, 1, 2, 3, 0, 1, 2]])
+  out = m(packed, pos, seg)
+  alone = m(doc2[None])
+  # same computation, different batch layout: fp32 rounding only
+  np.testing.assert_allclose(out[0, 4:], alone[0], atol=1e-5)
+
+
+def test_user_paths(tmp_path):
+  (tmp_path / "a.txt").write_text("hello world\n" * 50)
+  (tmp_path / "b.py").write_text("print('x')\n" * 50)
+  (tmp_path / "bin.dat").write_bytes(bytes([0xff, 0xfe, 0x80]) * 10)
+  ds = data.Dataset(paths=[str(tmp_path)], seq_len=16, batch_size=2, tokenizer="byte",
+                    cache_dir=str(tmp_path / "cache"))
+  assert len(ds.manifest["files"]) == 2
+  assert ds.batch(0)["inputs"].shape == (2, 16)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+  cfg = config.preset("tiny", "model1")
+  (tmp_path / "bin.dat").write_bytes(bytes([0xff, 0xfe, 0x80]) * 10)
+  with pytest.raises(ValueError, match=r"data.paths=.*no readable"):
+    data.corpus_files([str(tmp_path)])
+  with pytest.raises(ValueError, match=r"token id 4096.*expected ids in \[0, 4096\)"):
+    steps.check_batch({"inputs": np.full((1, 4), 4096), "targets": np.zeros((1, 4))}, cfg)
+  with pytest.raises(ValueError, match=r"token id -1"):
+    steps.check_batch({"inputs": np.full((1, 4), -1), "targets": np.zeros((1, 4))}, cfg)
+  long = np.zeros((1, cfg.max_seq_len + 1), np.int32)
+  with pytest.raises(ValueError, match=r"sequence length 257.*max_seq_len=256"):
+    steps.check_batch({"inputs": long, "targets": long}, cfg)
+  with pytest.raises(ValueError, match=r"geometry='v4'"):
+    config.preset("tiny", "v4")
+  with pytest.raises(ValueError, match=r"attention.geometry='mla'"):
+    config.model_config_from_dict({"attention": {"geometry": "mla"}})
+  with pytest.raises(ValueError, match=r"n_heads=6 is not divisible by attention.o_groups=4"):
+    config.model_config_from_dict({"attention": {"n_heads": 6, "o_groups": 4}})
+  with pytest.raises(ValueError, match=r"head_dim=64 must exceed rope.dim=64"):
+    config.model_config_from_dict({"attention": {"head_dim": 64}})
+  with pytest.raises(ValueError, match=r"unknown config field"):
+    config.model_config_from_dict({"d_modle": 3})
