@@ -38,9 +38,10 @@ _HEADS = ("batch", "activation_length", "activation_heads", None)
 class MLA(nnx.Module):
 
   def __init__(self, cfg: AttentionConfig, d_model: int, rngs: nnx.Rngs,
-               out_std: float | None = None):
+               out_std: float | None = None, layer_id: int = 0):
     cfg.validate()
     self.cfg = cfg
+    self.layer_id = layer_id
     N, r = cfg.n_heads, cfg.rope.dim
     self.wq_a = Dense(d_model, cfg.q_lora_rank, ("embed", "q_lora"), rngs)
     self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)

@@ -22,6 +22,16 @@ from model1 import sharding
 from model1.config import RopeConfig
 
 
+class AuxLoss(nnx.Intermediate):
+  """A scalar loss term a module reports with ``self.sow(AuxLoss, name, value)`` (MoE
+  balance, indexer KL, MTP, ...). ``steps.loss_fn`` adds every sown value, already
+  weighted by the module, to the training loss and logs each by name."""
+
+
+class Metric(nnx.Intermediate):
+  """A value a module reports for logging only (e.g. expert load); never in the loss."""
+
+
 def dense_init(fan_in: int):
   return jax.nn.initializers.truncated_normal(stddev=1.0 / math.sqrt(fan_in))
 

@@ -27,7 +27,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer_id: int, rngs: nnx.Rngs):
     self.layer_id = layer_id
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.attn = MLA(cfg.attention, cfg.d_model, rngs)
+    self.attn = MLA(cfg.attention, cfg.d_model, rngs, layer_id=layer_id)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.ffn = SwiGLU(cfg.d_model, cfg.ffn.hidden, rngs)
 
@@ -83,7 +83,9 @@ class Transformer(nnx.Module):
     return sharding.constrain(logits_BTV.astype(jnp.float32),
                               ("batch", "activation_length", "activation_vocab"))
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
+    """Logits [B,T,V] (fp32). ``batch`` carries optional extra inputs (e.g. precomputed
+    Engram hash ids) from the data pipeline."""
     return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT)[0])
 
   def prefill(self, tokens_BT, positions_BT, segment_ids_BT):

@@ -181,7 +181,10 @@ def create_sharded(build: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Mo
   return nnx.merge(graphdef, st)
 
 
-def batch_sharding(mesh: Mesh | None, ndim: int = 2) -> NamedSharding | None:
+def batch_sharding(mesh: Mesh | None, shape: Sequence[int]) -> NamedSharding | None:
+  """Batch-axis sharding over data x fsdp (x expert); an axis that does not divide the
+  batch is left out (replicated) rather than failing."""
   if mesh is None:
     return None
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh))
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), mesh,
+                                             shape))

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from model1.config import ModelConfig
+from model1.layers import AuxLoss, Metric
 
 
 def check_batch(batch: dict, cfg: ModelConfig) -> None:
@@ -31,13 +32,32 @@ def check_batch(batch: dict, cfg: ModelConfig) -> None:
                        f"model.max_seq_len={cfg.max_seq_len}")
 
 
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def collect(model, kind) -> dict:
+  """Pop every value of an ``nnx.Intermediate`` subtype (AuxLoss, Metric) sown during the
+  last call, keyed by module path."""
+  state = nnx.pop(model, kind)
+  out = {}
+  for path, v in jax.tree.leaves_with_path(state):
+    out[_path_name(path)] = v
+  return out
+
+
 def loss_fn(model, batch: dict):
-  logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  """Next-token cross-entropy over ``loss_mask`` plus every sown ``AuxLoss``.
+  Returns (total, aux) with aux["loss"] the LM loss alone."""
+  logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch=batch)
   ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"]
   n = jnp.maximum(mask_BT.sum(), 1.0)
   loss = (ce_BT * mask_BT).sum() / n
-  return loss, {"loss": loss, "tokens": mask_BT.sum()}
+  aux_losses = collect(model, AuxLoss)
+  metrics = collect(model, Metric)
+  total = loss + sum(aux_losses.values(), jnp.zeros((), jnp.float32))
+  return total, {"loss": loss, "tokens": mask_BT.sum(), "aux": aux_losses, "metrics": metrics}
 
 
 def _split_micro(batch: dict, k: int) -> dict:
@@ -59,7 +79,7 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if grad_accum == 1:
     (_, aux), grads = grad_fn(params, batch)
-    loss = aux["loss"]
+    loss, extras = aux["loss"], {"aux": aux["aux"], "metrics": aux["metrics"]}
   else:
     def body(acc, mb):
       (_, aux), g = grad_fn(params, mb)
@@ -67,19 +87,21 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
       w = aux["tokens"]
       acc_g, acc_l, acc_n = acc
       return (jax.tree.map(lambda a, b: a + b * w, acc_g, g), acc_l + aux["loss"] * w,
-              acc_n + w), None
+              acc_n + w), {"aux": aux["aux"], "metrics": aux["metrics"]}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (gsum, lsum, n), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, grad_accum))
+    (gsum, lsum, n), per_micro = jax.lax.scan(body, (zeros, 0.0, 0.0),
+                                              _split_micro(batch, grad_accum))
     n = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / n, gsum)
     loss = lsum / n
+    extras = jax.tree.map(lambda x: x.mean(0), per_micro)
   grad_norm = optax.global_norm(grads)
   optimizer.update(model, grads)
-  return {"loss": loss, "grad_norm": grad_norm}
+  return {"loss": loss, "grad_norm": grad_norm, **extras}
 
 
 @nnx.jit
 def eval_step(model, batch: dict):
   """Summed loss and token count (callers average over batches)."""
-  loss, aux = loss_fn(model, batch)
-  return {"loss_sum": loss * aux["tokens"], "tokens": aux["tokens"]}
+  _, aux = loss_fn(model, batch)
+  return {"loss_sum": aux["loss"] * aux["tokens"], "tokens": aux["tokens"]}

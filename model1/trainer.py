@@ -27,9 +27,21 @@ from model1.config import model_config_from_dict
 from model1.model import Transformer
 
 
+def optim_config(t) -> optim.OptimConfig:
+  """``config.train`` -> OptimConfig. Accumulation happens in ``steps.train_step`` (a
+  scan over micro-batches), so the optimizer always sees one full-batch gradient."""
+  if t.optimizer not in ("adamw", "muon"):
+    raise ValueError(f"train.optimizer={t.optimizer!r}; expected 'adamw' or 'muon'")
+  return optim.OptimConfig(lr=t.lr, warmup_steps=t.warmup_steps,
+                           total_steps=max(t.steps, t.warmup_steps + 1),
+                           min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+                           b1=t.b1, b2=t.b2, clip=t.clip, muon=t.optimizer == "muon",
+                           muon_lr=t.muon_lr)
+
+
 def build_model_and_optimizer(model_cfg, train_cfg, mesh, seed: int):
   """Model and optimizer created directly in their sharded layout."""
-  tx = optim.make_optimizer(optim.config_from_train(train_cfg))
+  tx = optim.make_optimizer(optim_config(train_cfg))
 
   def build():
     model = Transformer(model_cfg, nnx.Rngs(seed))
@@ -45,7 +57,7 @@ def put_batch(batch: dict, mesh) -> dict:
     return {k: jnp.asarray(v) for k, v in batch.items()}
   out = {}
   for k, v in batch.items():
-    shd = sharding.batch_sharding(mesh, v.ndim)
+    shd = sharding.batch_sharding(mesh, v.shape)
     out[k] = jax.make_array_from_callback(v.shape, shd, lambda idx, v=v: v[idx])
   return out
 
@@ -156,7 +168,7 @@ def run(cfg, workdir: str | Path) -> dict:
             raise FloatingPointError(f"loss became {loss} at step {done}")
           now = time.perf_counter()
           row = {"step": done, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                 "lr": float(optim.learning_rate(optim.config_from_train(t), step)),
+                 "lr": float(optim.lr_schedule(optim_config(t))(step)),
                  "tokens_per_s": (done - last_step) * tokens_per_step / (now - last_t)}
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             row["val_loss"] = evaluate(model, ds, mesh, t.eval_batches)

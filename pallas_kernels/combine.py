@@ -18,6 +18,8 @@ Shapes: ``[..., X]`` logits over X keys; partials ``[n_splits, ..., d_v]`` with 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -56,6 +58,7 @@ def finalize(out_NV: jax.Array, lse_N: jax.Array, attn_sink_N: jax.Array | None 
   return out_NV.astype(out_dtype), jnp.where(empty_N, jnp.inf, lse_N)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def combine_splits(out_SNV: jax.Array, lse_SN: jax.Array, *, attn_sink_N: jax.Array | None = None,
                    out_dtype=jnp.float32):
   """Merge split-KV partials: out ``[n_splits, ..., d_v]``, lse ``[n_splits, ...]``.

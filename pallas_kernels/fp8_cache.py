@@ -493,6 +493,9 @@ def concat_tokens(caches: list[KCache]) -> KCache:
 
 def host_value(x: Any) -> np.ndarray | None:
   """Concrete value of x as numpy, or None when x is a tracer (data checks run only then)."""
-  if x is None or isinstance(x, jax.core.Tracer):
+  if x is None:
     return None
-  return np.asarray(x)
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None

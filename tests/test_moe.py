@@ -1,0 +1,248 @@
+"""MoE: V4 routing and expert math against a per-token loop, dense equivalence, hash
+routing, dropless dispatch, bias balancing, sequence-wise loss, config errors, EP."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model1.moe import (MoE, MoEConfig, SwiGLU, apply_bias_updates, make_tid2eid,
+                        reset_moe_stats, update_bias)
+
+D, F, VOCAB = 16, 8, 50
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# one jitted forward shared by the tests (compiled once per module structure and shape)
+_fwd = nnx.jit(lambda m, x, ids: m(x, ids))
+
+
+def _forward(m, x, ids=None):
+  return _fwd(m, x, ids)
+
+
+def _reference(m: MoE, x, ids=None):
+  """Naive float64 per-token loop over V4's Gate / Expert / MoE.forward."""
+  cfg = m.cfg
+  x = np.asarray(x, np.float64).reshape(-1, D)
+  gate = np.asarray(m.gate[...], np.float64)
+  w1, w2, w3 = (np.asarray(m.experts.__getattribute__(n)[...], np.float64)
+                for n in ("w1", "w2", "w3"))
+  lim = cfg.swiglu_limit
+  silu = lambda z: z / (1 + np.exp(-z))
+  out = np.zeros_like(x)
+  for u in range(x.shape[0]):
+    s = np.sqrt(np.log1p(np.exp(x[u] @ gate)))
+    if m.is_hash:
+      idx = np.asarray(m.tid2eid[...])[np.asarray(ids).reshape(-1)[u]]
+    else:
+      idx = np.argsort(-(s + np.asarray(m.bias[...])), kind="stable")[:cfg.n_activated_experts]
+    w = s[idx] / s[idx].sum() * cfg.route_scale
+    for e, we in zip(idx, w):                 # exactly top-k contributions per token
+      g, up = x[u] @ w1[e], x[u] @ w3[e]
+      if lim > 0:
+        up, g = np.clip(up, -lim, lim), np.minimum(g, lim)
+      out[u] += (we * silu(g) * up) @ w2[e]
+    if m.shared_experts is not None:
+      se = m.shared_experts
+      h = silu(x[u] @ np.asarray(se.w1[...], np.float64)) * (x[u] @ np.asarray(se.w3[...],
+                                                                                np.float64))
+      out[u] += h @ np.asarray(se.w2[...], np.float64)
+  return out
+
+
+@pytest.mark.parametrize("dispatch,block", [("blocked", 1), ("blocked", 3), ("blocked", 128),
+                                            ("ragged_dot", 128)])
+def test_matches_per_token_loop(dispatch, block):
+  cfg = MoEConfig(n_routed_experts=6, n_activated_experts=2, n_shared_experts=1,
+                  moe_inter_dim=F, route_scale=1.5, dispatch=dispatch, block_size=block)
+  m = MoE(cfg, D, layer_id=0, rngs=nnx.Rngs(0))
+  m.bias[...] = jnp.array([0.3, -0.2, 0.0, 0.1, -0.4, 0.2])   # bias must steer selection only
+  x = 3.0 * jax.random.normal(jax.random.key(1), (2, 7, D))    # large enough to hit the clamps
+  y, aux = _forward(m, x)
+  tol = dict(rtol=2e-5, atol=2e-5)  # fp32 matmuls vs the float64 loop
+  np.testing.assert_allclose(y.reshape(-1, D), _reference(m, x), **tol)
+  assert float(aux.load.sum()) == 2 * 7 * 2                   # every token: exactly top-k slots
+  # worst case for a dropless dispatch: every token picks expert 0 (one full group)
+  m.bias[...] = jnp.array([100.0, 0, 0, 0, 0, 0])
+  y, aux = _forward(m, x)
+  assert float(aux.load[0]) == 14
+  np.testing.assert_allclose(y.reshape(-1, D), _reference(m, x), **tol)
+
+
+@pytest.mark.parametrize("dispatch", ["blocked", "ragged_dot"])
+def test_one_expert_top1_is_dense_swiglu(dispatch):
+  cfg = MoEConfig(n_routed_experts=1, n_activated_experts=1, n_shared_experts=0,
+                  moe_inter_dim=F, route_scale=1.0, dispatch=dispatch, block_size=4)
+  m = MoE(cfg, D, layer_id=0, rngs=nnx.Rngs(0))
+  dense = SwiGLU(D, F, swiglu_limit=cfg.swiglu_limit, rngs=nnx.Rngs(1))
+  for n in ("w1", "w2", "w3"):
+    getattr(dense, n)[...] = getattr(m.experts, n)[...][0]
+  x = 3.0 * jax.random.normal(jax.random.key(2), (2, 5, D))
+  y, _ = _forward(m, x)
+  # the weight is s/s = 1 exactly; only matmul blocking may differ in the last bits
+  np.testing.assert_allclose(y, jax.jit(dense)(x), rtol=1e-6, atol=1e-6)
+
+
+def test_hash_routing_is_a_fixed_table():
+  cfg = MoEConfig(n_routed_experts=8, n_activated_experts=3, n_hash_layers=2,
+                  moe_inter_dim=F)
+  m = MoE(cfg, D, layer_id=1, vocab_size=VOCAB, rngs=nnx.Rngs(0))
+  assert m.is_hash and m.bias is None
+  table = np.asarray(m.tid2eid[...])
+  assert table.shape == (VOCAB, 3) and table.dtype == np.int32
+  assert all(len(set(r)) == 3 for r in table)                  # distinct experts per token
+  np.testing.assert_array_equal(table, make_tid2eid(VOCAB, 8, 3, cfg.hash_seed + 1))
+  assert not isinstance(m.tid2eid, nnx.Param)                  # never trained
+  ids = jnp.array([[5, 7, 5, 9]])
+  route = nnx.jit(lambda m, x, i: m.route(x, i))
+  _, idx1, w1 = route(m, jax.random.normal(jax.random.key(0), (4, D)), ids[0])
+  _, idx2, _ = route(m, jax.random.normal(jax.random.key(1), (4, D)), ids[0])
+  np.testing.assert_array_equal(idx1, idx2)                   # independent of the input x
+  np.testing.assert_array_equal(idx1[0], idx1[2])             # same id, same experts
+  np.testing.assert_array_equal(idx1, table[np.asarray(ids[0])])
+  np.testing.assert_allclose(w1.sum(-1), 1.0, rtol=1e-6)      # normalised, route_scale 1
+  x = jax.random.normal(jax.random.key(3), (1, 4, D))
+  y, aux = _forward(m, x, ids)
+  np.testing.assert_allclose(y.reshape(-1, D), _reference(m, x, ids), rtol=2e-5, atol=2e-5)
+  assert float(aux.seq_aux_loss) == 0.0                        # routing fixed: no balance loss
+  with pytest.raises(ValueError, match="token_ids=None"):
+    m(x)
+
+
+def test_update_bias_narrows_skewed_loads():
+  e, k, u = 8, 2, 512
+  key1, key2 = jax.random.split(jax.random.key(0))
+  # fixed skewed router scores: expert i gets a +0.15·i head start
+  s = jax.random.uniform(key1, (u, e)) + 0.15 * jnp.arange(e)
+
+  def loads(bias):
+    _, idx = jax.lax.top_k(s + bias, k)
+    return jnp.zeros((e,)).at[idx.reshape(-1)].add(1.0)
+
+  def step(bias, _):
+    load = loads(bias)
+    return update_bias(bias, load, 5e-3), load
+
+  _, hist = jax.jit(lambda b: jax.lax.scan(step, b, None, length=300))(jnp.zeros((e,)))
+  ratio = lambda l: float(l.max() / jnp.maximum(l.min(), 1.0))
+  before = ratio(hist[0])
+  after = ratio(hist[-50:].mean(0))
+  assert before > 10, before                                  # the skew is real
+  # the bias must absorb the 0.15·i head starts (±rate dithering remains)
+  assert after * 2 <= before and after < 1.2, (before, after)
+
+
+def test_module_bias_update_api():
+  cfg = MoEConfig(n_routed_experts=4, n_activated_experts=1, moe_inter_dim=F,
+                  bias_update_rate=0.01, n_hash_layers=1)
+  hashed = MoE(cfg, D, layer_id=0, vocab_size=VOCAB, rngs=nnx.Rngs(0))
+  m = MoE(cfg, D, layer_id=1, rngs=nnx.Rngs(0))
+  m.gate[...] = m.gate[...].at[:, 2].add(5.0)                  # expert 2 overloaded
+  model = nnx.List([hashed, m])
+  x = jax.random.normal(jax.random.key(1), (2, 8, D))
+  ids = jnp.zeros((2, 8), jnp.int32)
+  for _ in range(2):                                            # two micro-batches accumulate
+    _, aux = _forward(m, x)
+    _forward(hashed, x, ids)
+  load = m.load[...]
+  np.testing.assert_array_equal(load, 2 * aux.load)
+  assert float(load.sum()) == 2 * 16
+  nnx.jit(lambda model: apply_bias_updates(model))(model)
+  bias = np.asarray(m.bias[...])
+  np.testing.assert_allclose(bias, 0.01 * np.sign(np.mean(load) - np.asarray(load)))
+  assert bias[2] < 0
+  assert float(jnp.abs(m.load[...]).sum()) == 0 and float(jnp.abs(hashed.load[...]).sum()) == 0
+  _forward(m, x)
+  reset_moe_stats(model)
+  assert float(jnp.abs(m.load[...]).sum()) == 0
+
+
+def test_seq_aux_loss_formula_and_gradient():
+  e, k, b, t = 4, 2, 2, 6
+  cfg = MoEConfig(n_routed_experts=e, n_activated_experts=k, moe_inter_dim=F,
+                  seq_aux_loss_weight=0.1)
+  m = MoE(cfg, D, layer_id=0, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (b, t, D))
+  mask = jnp.ones((b, t)).at[1, 4:].set(0)                     # padding in row 1
+  y, aux = nnx.jit(lambda m, x, mk: m(x, None, mk))(m, x, mask)
+  s, idx, _ = m.route(x.reshape(-1, D))
+  s, idx, mk = np.asarray(s).reshape(b, t, e), np.asarray(idx).reshape(b, t, k), np.asarray(mask)
+  ref = 0.0
+  for r in range(b):
+    n = mk[r].sum()
+    f = np.zeros(e)
+    for tt in range(t):
+      f[idx[r, tt]] += mk[r, tt]
+    f *= e / (k * n)
+    p = (mk[r, :, None] * s[r] / s[r].sum(-1, keepdims=True)).sum(0) / n
+    ref += 0.1 * (f * p).sum() / b
+  np.testing.assert_allclose(aux.seq_aux_loss, ref, rtol=1e-5)  # fp32 vs float64 sums
+  assert float(aux.load.sum()) == mk.sum() * k                  # padding not counted
+  g = nnx.jit(nnx.grad(lambda m: m(x, None, mask)[1].seq_aux_loss))(m)
+  assert float(jnp.abs(g.gate[...]).sum()) > 0
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match=r"n_activated_experts=9.*n_routed_experts=8"):
+    MoEConfig(n_routed_experts=8, n_activated_experts=9)
+  with pytest.raises(ValueError, match=r"score_func='relu'"):
+    MoEConfig(score_func="relu")
+  with pytest.raises(ValueError, match=r"dispatch='dense'"):
+    MoEConfig(dispatch="dense")
+  cfg = MoEConfig(n_routed_experts=6, n_hash_layers=3)
+  with pytest.raises(ValueError, match=r"n_hash_layers=3.*MoE layers \(2\)"):
+    cfg.validate(n_moe_layers=2)
+  with pytest.raises(ValueError, match=r"n_routed_experts=6.*'expert' mesh axis size \(4\)"):
+    cfg.validate(n_moe_layers=4, expert_axis_size=4)
+  cfg.validate(n_moe_layers=4, expert_axis_size=3)
+  with pytest.raises(ValueError, match=r"vocab_size=None.*layer_id=0"):
+    MoE(cfg, D, layer_id=0, rngs=nnx.Rngs(0))
+
+
+_EP_SCRIPT = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from model1 import sharding
+    from model1.moe import MoE, MoEConfig
+    x = jax.random.normal(jax.random.key(1), (8, 3, 16))
+    mesh = sharding.make_mesh(data=2, fsdp=1, expert=4)
+    for dispatch in ("blocked", "ragged_dot"):
+      cfg = MoEConfig(n_routed_experts=8, n_activated_experts=2, moe_inter_dim=8,
+                      dispatch=dispatch, block_size=4)
+      build = lambda: MoE(cfg, 16, 1, rngs=nnx.Rngs(0))
+      def loss(m, x):
+        y, aux = m(x)
+        return jnp.sum(y * y) + aux.seq_aux_loss, y
+      # gradients through the shard_map for one dispatch; forward for the other (runtime)
+      grads = dispatch == "blocked"
+      step = nnx.jit(nnx.value_and_grad(loss, has_aux=True) if grads else loss)
+      out0 = step(build(), x)
+      m = sharding.create_sharded(build, mesh)
+      assert m.experts.w1[...].sharding.spec[0] == "expert"
+      with sharding.use_mesh(mesh):
+        out = step(m, jax.device_put(x, sharding.batch_sharding(mesh, x.shape)))
+      (_, y0), (_, y) = (out0[0], out[0]) if grads else (out0, out)
+      np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)   # psum order vs one device
+      if grads:
+        g, g0 = out[1], out0[1]
+        np.testing.assert_allclose(g.experts.w2[...], g0.experts.w2[...], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(g.gate[...], g0.gate[...], rtol=1e-4, atol=1e-4)
+    print("EP_OK")
+""")
+
+
+def test_expert_parallel_matches_single_device():
+  # 8 host devices need a fresh process (the device count is fixed at jax start-up)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _EP_SCRIPT], capture_output=True, text=True,
+                     env=env, timeout=300)
+  assert "EP_OK" in r.stdout, r.stderr[-3000:]
