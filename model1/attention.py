@@ -18,6 +18,19 @@ relative position; off = those dims are zeroed. Output: grouped low-rank ``wo_a`
 Both forms expose ``cache_vector`` (what a KV cache stores per token, [B,T,d_qk]),
 ``decode_queries`` (queries against that vector, [B,T,N,d_qk]) and ``decode_output``
 (attention over the cache -> [B,T,D]) so the decode path can run FlashMLA-style kernels.
+
+**Sparse attention** (``AttentionConfig.sparse``, DESIGN §2/§8) runs the MQA form (queries
+against the cache vector) over a subset of keys, in query chunks (``attention_core``):
+  * ``"dsa"`` (V3.2): a lightning indexer (``indexer.DSAIndexer``) picks the top-k tokens
+    per query; its KL loss to the main attention is sown as ``AuxLoss`` "indexer_kl".
+    ``dsa_stage="warmup"`` keeps the attention dense and only trains the indexer.
+  * ``"compressed"`` (V4): the sliding window of W tokens plus, by layer
+    (``compress_ratios[layer_id]``), HCA entries (all complete blocks of r tokens) or CSA
+    entries (ratio 4, overlapping, top-k by ``indexer.CSAIndexer``), one softmax with the
+    sink. Layers with compression use ``compress_rope`` (YaRN) for all their RoPE.
+Decode runs ``pallas_kernels.sparse_decode`` over the caches of ``kv_cache``: DSA over
+the paged token cache with top-k indices; V4 over a ring of W window slots (main cache)
+plus the compressed entries (extra cache).
 """
 from __future__ import annotations
 
@@ -27,10 +40,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model1 import sharding
-from model1.attention_core import attend, causal_segment_mask
+from model1 import qat, sharding
+from model1.attention_core import (attend, attend_sources, band_keys, band_slice,
+                                   causal_segment_mask, gather_rows, over_query_chunks,
+                                   visible)
+from model1.compressor import Compressor
 from model1.config import AttentionConfig
-from model1.layers import Dense, RMSNorm, apply_rope, rms_norm, yarn_mscale
+from model1.indexer import CSAIndexer, DSAIndexer, index_scores, kl_loss, select_topk
+from model1.layers import AuxLoss, Dense, RMSNorm, apply_rope, rms_norm, yarn_mscale
 
 _HEADS = ("batch", "activation_length", "activation_heads", None)
 
@@ -42,6 +59,8 @@ class MLA(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     self.layer_id = layer_id
+    self.ratio = cfg.compress_ratio(layer_id)     # V4: 0 window only, 4 CSA, else HCA
+    self.rope = cfg.layer_rope(layer_id)
     N, r = cfg.n_heads, cfg.rope.dim
     self.wq_a = Dense(d_model, cfg.q_lora_rank, ("embed", "q_lora"), rngs)
     self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
@@ -53,7 +72,7 @@ class MLA(nnx.Module):
       self.wkv_b = Dense(cfg.kv_lora_rank, (N, cfg.qk_nope_head_dim + cfg.v_head_dim),
                          ("kv_lora", "heads", "head_dim"), rngs)
       self.wo = Dense(N * cfg.v_head_dim, d_model, ("heads", "embed"), rngs, std=out_std)
-      self.scale = qk ** -0.5 * yarn_mscale(cfg.rope)
+      self.scale = qk ** -0.5 * yarn_mscale(self.rope)
     else:
       H = cfg.head_dim
       self.wq_b = Dense(cfg.q_lora_rank, (N, H), ("q_lora", "heads", "head_dim"), rngs)
@@ -70,14 +89,25 @@ class MLA(nnx.Module):
                           std=out_std)
       else:
         self.wo = Dense(N * H, d_model, ("heads", "embed"), rngs, std=out_std)
-      self.scale = H ** -0.5 * yarn_mscale(cfg.rope)
+      self.scale = H ** -0.5 * yarn_mscale(self.rope)
+    if cfg.sparse == "dsa":
+      self.indexer = DSAIndexer(cfg, d_model, rngs)
+    if self.ratio:
+      self.compressor = Compressor(d_model, cfg.head_dim, self.ratio, self.rope, cfg.norm_eps,
+                                   rngs, quant="fp8_nope" if cfg.qat else None)
+      if self.ratio == 4:
+        self.indexer = CSAIndexer(cfg, d_model, self.rope, self.ratio, rngs)
 
   # ----------------------------------------------------------------- projections
-  def _q(self, x_BTD, positions_BT):
-    q_BTNH = self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+  def _qr(self, x_BTD):
+    """The query low-rank state qr = RMSNorm(wq_a x) (the indexers read it too)."""
+    return self.q_norm(self.wq_a(x_BTD))
+
+  def _q(self, x_BTD, positions_BT, qr_BTQ=None):
+    q_BTNH = self.wq_b(self._qr(x_BTD) if qr_BTQ is None else qr_BTQ)
     if self.cfg.geometry == "model1" and self.cfg.q_norm:
       q_BTNH = rms_norm(q_BTNH, self.cfg.norm_eps)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, self.cfg.rope)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope)
     return sharding.constrain(q_BTNH, _HEADS)
 
   def cache_vector(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -86,10 +116,13 @@ class MLA(nnx.Module):
     if c.geometry == "v32":
       kv = self.wkv_a(x_BTD)
       latent = self.kv_norm(kv[..., :c.kv_lora_rank])
-      kpe = apply_rope(kv[..., c.kv_lora_rank:], positions_BT, c.rope)
-      return jnp.concatenate([latent, kpe], axis=-1)
-    kv_BTH = self.kv_norm(self.wkv(x_BTD))
-    return apply_rope(kv_BTH, positions_BT, c.rope)
+      kpe = apply_rope(kv[..., c.kv_lora_rank:], positions_BT, self.rope)
+      kv_BTH = jnp.concatenate([latent, kpe], axis=-1)
+    else:
+      kv_BTH = apply_rope(self.kv_norm(self.wkv(x_BTD)), positions_BT, self.rope)
+    if c.qat:  # V4 (and V3.2's cache simulation): FP8-round the NoPE dims, pow2 scales
+      kv_BTH = qat.fake_quant_nope(kv_BTH, self.rope.dim, 128 if c.geometry == "v32" else 64)
+    return kv_BTH
 
   def sink(self) -> jax.Array | None:
     return self.attn_sink[...] if self.cfg.geometry == "model1" and self.cfg.sink else None
@@ -98,7 +131,7 @@ class MLA(nnx.Module):
   def _model1_output(self, o_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
     c = self.cfg
     if c.vvpa:
-      o_BTNH = apply_rope(o_BTNH, positions_BT, c.rope, inverse=True)
+      o_BTNH = apply_rope(o_BTNH, positions_BT, self.rope, inverse=True)
     else:
       o_BTNH = o_BTNH.at[..., -c.rope.dim:].set(0)
     B, T, N, H = o_BTNH.shape
@@ -114,9 +147,10 @@ class MLA(nnx.Module):
     w_LNX = self.wkv_b.weight[...].astype(dtype)
     return w_LNX[..., :c.qk_nope_head_dim], w_LNX[..., c.qk_nope_head_dim:]
 
-  def decode_queries(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  def decode_queries(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                     qr_BTQ: jax.Array | None = None) -> jax.Array:
     """Queries against the cache vector: [B,T,N,d_qk] (v32: wkv_b absorbed)."""
-    q_BTNH = self._q(x_BTD, positions_BT)
+    q_BTNH = self._q(x_BTD, positions_BT, qr_BTQ)
     if self.cfg.geometry == "model1":
       return q_BTNH
     wk_LNP, _ = self._v32_wkv_b(q_BTNH.dtype)
@@ -134,30 +168,6 @@ class MLA(nnx.Module):
     B, T = o_BTNV.shape[:2]
     return self.wo(o_BTNV.reshape(B, T, -1))
 
-  # ----------------------------------------------------------------- decode form
-  def decode(self, x_BTD: jax.Array, positions_BT: jax.Array, cache, block_table_BZ,
-             seqlens_B, valid_BT, impl: str = "xla"):
-    """Write this step's cache vectors into the paged ``cache`` and attend over it with
-    FlashMLA semantics (``pallas_kernels.dense_decode``): queries are the new tokens at
-    the end of each sequence (causal when T > 1). Returns (y [B,T,D], new cache)."""
-    from model1.kv_cache import slots_for, write_layer
-    from pallas_kernels import combine
-    from pallas_kernels.dense_decode import dense_decode
-    c = self.cfg
-    kv_BTH = self.cache_vector(x_BTD, positions_BT)
-    cache = write_layer(cache, kv_BTH, slots_for(block_table_BZ, positions_BT,
-                                                 cache.block_size, valid_BT))
-    q_BTNH = self.decode_queries(x_BTD, positions_BT).astype(jnp.bfloat16)
-    d_v = c.kv_lora_rank if c.geometry == "v32" else c.head_dim
-    o_BTNV, lse_BNT = dense_decode(q_BTNH, cache, block_table_BZ, seqlens_B, head_dim_v=d_v,
-                                   softmax_scale=self.scale, causal=x_BTD.shape[1] > 1,
-                                   impl=impl)
-    sink = self.sink()
-    if sink is not None:  # FlashMLA's lse excludes the sink: out *= 1/(1+exp(sink-lse))
-      f_BTN = combine.sink_factor(jnp.swapaxes(lse_BNT, 1, 2), sink)
-      o_BTNV = o_BTNV.astype(jnp.float32) * f_BTN[..., None]
-    return self.decode_output(o_BTNV.astype(x_BTD.dtype), positions_BT), cache
-
   # ----------------------------------------------------------------- training form
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                absorbed: bool = False, return_kv: bool = False):
@@ -169,6 +179,10 @@ class MLA(nnx.Module):
 
   def _forward(self, x_BTD, positions_BT, segment_ids_BT, absorbed):
     c = self.cfg
+    if c.sparse == "dsa":
+      return self._forward_dsa(x_BTD, positions_BT, segment_ids_BT)
+    if c.sparse == "compressed":
+      return self._forward_compressed(x_BTD, positions_BT, segment_ids_BT)
     mask_BTS = causal_segment_mask(segment_ids_BT)
     kv_BSH = self.cache_vector(x_BTD, positions_BT)
     if absorbed or c.geometry == "model1":
@@ -192,6 +206,102 @@ class MLA(nnx.Module):
     B, T = o_BTNV.shape[:2]
     return self.wo(o_BTNV.reshape(B, T, -1)), kv_BSH
 
+  @property
+  def d_v(self) -> int:
+    return self.cfg.kv_lora_rank if self.cfg.geometry == "v32" else self.cfg.head_dim
+
+  def _sow_kl(self, p_BTL, scores_BTL, valid_BTL):
+    if self.cfg.index_kl_weight > 0:
+      self.sow(AuxLoss, "indexer_kl",
+               self.cfg.index_kl_weight * kl_loss(p_BTL, scores_BTL, valid_BTL))
+
+  def _forward_dsa(self, x_BTD, positions_BT, seg_BT):
+    """V3.2 DSA: MQA-form attention over the indexer's top-k tokens (dense in warm-up)."""
+    c = self.cfg
+    T = x_BTD.shape[1]
+    qr_BTQ = self._qr(x_BTD)
+    q_BTNH = self.decode_queries(x_BTD, positions_BT, qr_BTQ)
+    kv_BSH = self.cache_vector(x_BTD, positions_BT)
+    x_in, qr_in = jax.lax.stop_gradient((x_BTD, qr_BTQ))  # L_I never reaches the model
+    k_BSJ = self.indexer.keys(x_in, positions_BT)
+    qi_BTIJ, wi_BTI = self.indexer.queries(x_in, qr_in, positions_BT)
+    rows_S = jnp.arange(T)
+    vis = lambda c0, C, seg_BC: visible(c0 + jnp.arange(C), seg_BC, rows_S, seg_BT)
+    sink = self.sink()
+    if c.dsa_stage == "warmup":  # dense attention; the KL sees every visible key (T^2)
+      def chunk_fn(c0, qs):
+        m_BCS = vis(c0, qs["q"].shape[1], qs["seg"])
+        o, (p_BCS,) = attend_sources(qs["q"], [(kv_BSH, m_BCS)], self.scale, sink, self.d_v)
+        return o, p_BCS, index_scores(qs["qi"], k_BSJ, qs["wi"]), m_BCS
+      o_BTNV, p_BTL, s_BTL, valid_BTL = over_query_chunks(
+          chunk_fn, {"q": q_BTNH, "seg": seg_BT, "qi": qi_BTIJ, "wi": wi_BTI}, T, c.attn_chunk)
+    else:
+      idx_BTX, valid_BTL = select_topk(qi_BTIJ, k_BSJ, wi_BTI, seg_BT, vis, c.index_topk,
+                                       c.attn_chunk)
+      def chunk_fn(c0, qs):
+        k_BCXH = gather_rows(kv_BSH, qs["idx"])
+        o, (p_BCX,) = attend_sources(qs["q"], [(k_BCXH, qs["ok"])], self.scale, sink,
+                                     self.d_v)
+        return o, p_BCX
+      o_BTNV, p_BTL = over_query_chunks(
+          chunk_fn, {"q": q_BTNH, "idx": idx_BTX, "ok": valid_BTL}, T, c.attn_chunk)
+      s_BTL = index_scores(qi_BTIJ, gather_rows(k_BSJ, idx_BTX), wi_BTI)
+    self._sow_kl(p_BTL, s_BTL, valid_BTL)
+    o_BTNV = sharding.constrain(o_BTNV, _HEADS)
+    return self.decode_output(o_BTNV, positions_BT), {"kv": kv_BSH, "index_k": k_BSJ}
+
+  def _forward_compressed(self, x_BTD, positions_BT, seg_BT):
+    """V4: window (band) + HCA entries (dense) or CSA entries (top-k), one softmax."""
+    c, r, W = self.cfg, self.ratio, self.cfg.window_size
+    B, T, _ = x_BTD.shape
+    qr_BTQ = self._qr(x_BTD)
+    q_BTNH = self._q(x_BTD, positions_BT, qr_BTQ)
+    kv_BSH = self.cache_vector(x_BTD, positions_BT)
+    out = {"kv": kv_BSH}
+    C = min(c.attn_chunk, T)
+    band = band_keys(kv_BSH, seg_BT, W, -(-T // C) * C)
+    qs = {"q": q_BTNH, "seg": seg_BT}
+    M = T // r if r else 0
+    csa, sparse = r == 4 and M > 0, c.dsa_stage == "sparse"
+    if M:
+      comp_BMH, cseg_BM, (ckv, csc) = self.compressor(x_BTD, positions_BT, seg_BT)
+      crow_M = (jnp.arange(M) + 1) * r - 1          # an entry is complete at its last row
+      out.update(comp=comp_BMH, ckv=ckv, cscore=csc)
+    if csa:
+      x_in, qr_in = jax.lax.stop_gradient((x_BTD, qr_BTQ))
+      ik_BMJ, iseg_BM, (ikv, isc) = self.indexer.compressor(x_in, positions_BT, seg_BT)
+      qs["qi"], qs["wi"] = self.indexer.queries(x_in, qr_in, positions_BT)
+      out.update(icomp=ik_BMJ, ickv=ikv, icscore=isc)
+      if sparse:
+        vis = lambda c0, Cq, seg_BC: visible(c0 + jnp.arange(Cq), seg_BC, crow_M, iseg_BM)
+        qs["idx"], qs["ok"] = select_topk(qs["qi"], ik_BMJ, qs["wi"], seg_BT, vis,
+                                          c.index_topk, c.attn_chunk)
+
+    def chunk_fn(c0, qc):
+      Cq = qc["q"].shape[1]
+      qrow_C = c0 + jnp.arange(Cq)
+      k_BLH, seg_BL, row_L = band_slice(band, W, c0, Cq)
+      srcs = [(k_BLH, visible(qrow_C, qc["seg"], row_L, seg_BL, W))]
+      if M and csa and sparse:
+        srcs.append((gather_rows(comp_BMH, qc["idx"]), qc["ok"]))
+      elif M:
+        srcs.append((comp_BMH, visible(qrow_C, qc["seg"], crow_M, cseg_BM)))
+      o, probs = attend_sources(qc["q"], srcs, self.scale, self.sink(), c.head_dim)
+      if not csa:
+        return (o,)
+      if sparse:
+        return o, probs[1]
+      return o, probs[1], index_scores(qc["qi"], ik_BMJ, qc["wi"]), srcs[1][1]
+
+    res = over_query_chunks(chunk_fn, qs, T, c.attn_chunk)
+    if csa and sparse:
+      s_BTX = index_scores(qs["qi"], gather_rows(ik_BMJ, qs["idx"]), qs["wi"])
+      self._sow_kl(res[1], s_BTX, qs["ok"])
+    elif csa:
+      self._sow_kl(*res[1:])
+    o_BTNH = sharding.constrain(res[0], _HEADS)
+    return self._model1_output(o_BTNH, positions_BT), out
+
   # ----------------------------------------------------------------- decode form
   def decode(self, x_BTD: jax.Array, positions_BT: jax.Array, cache, block_table_BZ,
              seqlens_B, valid_BT, impl: str = "xla"):
@@ -202,6 +312,15 @@ class MLA(nnx.Module):
     from pallas_kernels import combine
     from pallas_kernels.dense_decode import dense_decode
     c = self.cfg
+    if c.sparse == "dsa":
+      return self._decode_dsa(x_BTD, positions_BT, cache, block_table_BZ, valid_BT, impl)
+    if c.sparse == "compressed":  # one token at a time: the compressor state is sequential
+      ys = []
+      for t in range(x_BTD.shape[1]):
+        y, cache = self._decode_compressed(x_BTD[:, t:t + 1], positions_BT[:, t], cache,
+                                           valid_BT[:, t], impl)
+        ys.append(y)
+      return jnp.concatenate(ys, axis=1), cache
     kv_BTH = self.cache_vector(x_BTD, positions_BT)
     cache = write_layer(cache, kv_BTH, slots_for(block_table_BZ, positions_BT,
                                                  cache.block_size, valid_BT))
@@ -215,3 +334,77 @@ class MLA(nnx.Module):
       f_BTN = combine.sink_factor(jnp.swapaxes(lse_BNT, 1, 2), sink)
       o_BTNV = o_BTNV.astype(jnp.float32) * f_BTN[..., None]
     return self.decode_output(o_BTNV.astype(x_BTD.dtype), positions_BT), cache
+
+  def _decode_dsa(self, x_BTD, positions_BT, cache, block_table_BZ, valid_BT, impl):
+    """DSA decode: index keys of every cached token (paged like the KV cache), top-k by
+    the indexer, then ``sparse_decode`` over the FP8/bf16 token cache."""
+    from model1.kv_cache import DSALayerCache, slots_for, write_layer
+    from pallas_kernels.sparse_decode import sparse_decode
+    c = self.cfg
+    B = x_BTD.shape[0]
+    slots_BT = slots_for(block_table_BZ, positions_BT, cache.kv.block_size, valid_BT)
+    kv_cache = write_layer(cache.kv, self.cache_vector(x_BTD, positions_BT), slots_BT)
+    ik_NJ = cache.index_k.reshape(-1, cache.index_k.shape[-1])
+    new_k_BTJ = self.indexer.keys(x_BTD, positions_BT).astype(ik_NJ.dtype)
+    ik_NJ = ik_NJ.at[slots_BT.reshape(-1)].set(new_k_BTJ.reshape(-1, ik_NJ.shape[-1]),
+                                                mode="drop")
+    Y = cache.kv.block_size
+    tok_BS = (block_table_BZ[:, :, None] * Y + jnp.arange(Y)).reshape(B, -1)  # pos -> slot
+    qr_BTQ = self._qr(x_BTD)
+    qi_BTIJ, wi_BTI = self.indexer.queries(x_BTD, qr_BTQ, positions_BT)
+    s_BTS = index_scores(qi_BTIJ, ik_NJ[tok_BS], wi_BTI)
+    s_BTS = jnp.where(jnp.arange(tok_BS.shape[1]) <= positions_BT[..., None], s_BTS, -jnp.inf)
+    val_BTX, pick_BTX = jax.lax.top_k(s_BTS, min(c.index_topk, tok_BS.shape[1]))
+    idx_BTX = jnp.where(val_BTX > -jnp.inf,
+                        jnp.take_along_axis(tok_BS[:, None], pick_BTX, axis=2), -1)
+    q_BTNH = self.decode_queries(x_BTD, positions_BT, qr_BTQ).astype(jnp.bfloat16)
+    o_BTNV, _ = sparse_decode(q_BTNH, kv_cache, idx_BTX.astype(jnp.int32), head_dim_v=self.d_v,
+                              softmax_scale=self.scale, attn_sink=self.sink(), impl=impl)
+    y = self.decode_output(o_BTNV.astype(x_BTD.dtype), positions_BT)
+    return y, DSALayerCache(kv_cache, ik_NJ.reshape(cache.index_k.shape))
+
+  def _decode_compressed(self, x_B1D, pos_B, cache, valid_B, impl):
+    """V4 decode of one token per sequence: the window is a ring of W slots (sequence b
+    owns block b of ``cache.window``), the compressed entries the extra cache (block b of
+    ``cache.comp``); the compressor state emits entry pos//r when (pos+1) % r == 0."""
+    import dataclasses
+    from model1.kv_cache import write_layer
+    from pallas_kernels.sparse_decode import sparse_decode
+    c, r, W = self.cfg, self.ratio, self.cfg.window_size
+    B = x_B1D.shape[0]
+    b_B = jnp.arange(B)
+    kv_B1H = self.cache_vector(x_B1D, pos_B[:, None])
+    window = write_layer(cache.window, kv_B1H, jnp.where(valid_B, b_B * W + pos_B % W, -1)[:, None])
+    wpos_BW = pos_B[:, None] - W + 1 + jnp.arange(W)
+    widx_BW = jnp.where(wpos_BW >= 0, b_B[:, None] * W + wpos_BW % W, -1)
+    new, extra = {"window": window}, {}
+    keep = lambda old, upd: jax.tree.map(
+        lambda o, u: jnp.where(valid_B.reshape((B,) + (1,) * (o.ndim - 1)), u, o), old, upd)
+    if r:
+      Mx = cache.comp.block_size
+      entry_BH, emit_B, state = self.compressor.step(x_B1D, pos_B, cache.state, x_B1D.dtype)
+      slot_B = jnp.where(emit_B & valid_B, b_B * Mx + pos_B // r, -1)
+      new.update(comp=write_layer(cache.comp, entry_BH[:, None], slot_B[:, None]),
+                 state=keep(cache.state, state))
+      visible_BM = jnp.arange(Mx)[None] < ((pos_B + 1) // r)[:, None]
+      if r == 4:  # CSA: the indexer picks top-k among the visible entries
+        ie_BJ, _, istate = self.indexer.compressor.step(x_B1D, pos_B, cache.istate,
+                                                        x_B1D.dtype)
+        j_B = jnp.where(emit_B & valid_B, pos_B // r, Mx)            # Mx: dropped
+        icomp = cache.icomp.at[b_B, j_B].set(ie_BJ.astype(cache.icomp.dtype), mode="drop")
+        new.update(icomp=icomp, istate=keep(cache.istate, istate))
+        qi_B1IJ, wi_B1I = self.indexer.queries(x_B1D, self._qr(x_B1D), pos_B[:, None])
+        s_BM = index_scores(qi_B1IJ, icomp, wi_B1I)[:, 0]
+        val_BX, j_BX = jax.lax.top_k(jnp.where(visible_BM, s_BM, -jnp.inf),
+                                     min(c.index_topk, Mx))
+        eidx_BX = jnp.where(val_BX > -jnp.inf, b_B[:, None] * Mx + j_BX, -1)
+      else:  # HCA: every complete entry
+        eidx_BX = jnp.where(visible_BM, b_B[:, None] * Mx + jnp.arange(Mx), -1)
+      extra = dict(extra_k_cache=new["comp"],
+                   extra_indices_in_kvcache=eidx_BX[:, None].astype(jnp.int32))
+    q_B1NH = self.decode_queries(x_B1D, pos_B[:, None]).astype(jnp.bfloat16)
+    o_B1NV, _ = sparse_decode(q_B1NH, window, widx_BW[:, None].astype(jnp.int32),
+                              head_dim_v=c.head_dim, softmax_scale=self.scale,
+                              attn_sink=self.sink(), impl=impl, **extra)
+    y = self._model1_output(o_B1NV.astype(x_B1D.dtype), pos_B[:, None])
+    return y, dataclasses.replace(cache, **new)

@@ -12,6 +12,8 @@ boundary) and causal order by ``causal_segment_mask``.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -53,3 +55,107 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKV: jax.Array, mask_BTS: ja
   o_BTKGV = jnp.einsum("bkgts,bskv->btkgv", p.astype(v_BSKV.dtype), v_BSKV,
                        preferred_element_type=jnp.float32)
   return o_BTKGV.reshape(B, T, N, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
+
+
+# ---------------------------------------------------------------- sparse (chunked) attention
+#
+# The sparse paths (DSA top-k, V4 window + compressed entries) never build a [T, S] score
+# matrix. Queries are processed in chunks of C rows (``over_query_chunks``: a ``lax.map``
+# whose body is rematerialised, so the backward pass keeps only its inputs); each chunk
+# attends over one or more key *sources*, all in one softmax (with the sink):
+#   band(W)   the sliding window: one slice of C+W-1 key rows shared by the chunk
+#   dense     every key of a short list (HCA's T/r compressed entries), masked causally
+#   gathered  per-query keys picked by index (DSA top-k tokens, CSA top-k entries)
+# Memory is O(C x keys per query) per chunk and O(T x keys per query) overall.
+
+
+def visible(q_row_C: jax.Array, q_seg_BC: jax.Array, k_row_L: jax.Array, k_seg_BL: jax.Array,
+            window: int | None = None) -> jax.Array:
+  """[B,C,L] bool: key visible iff same non-zero segment, its last row <= the query row
+  (a compressed entry's last row is that of its block's last token) and, with a window,
+  the key row > query row - window."""
+  ok = (q_seg_BC[:, :, None] == k_seg_BL[:, None, :]) & (q_seg_BC[:, :, None] != 0)
+  ok &= k_row_L[None, None, :] <= q_row_C[None, :, None]
+  if window is not None:
+    ok &= k_row_L[None, None, :] > q_row_C[None, :, None] - window
+  return ok
+
+
+def over_query_chunks(fn: Callable, q_side: dict, T: int, chunk: int):
+  """Run ``fn(c0, q_chunk) -> pytree of [B, C, ...]`` over query chunks of ``chunk`` rows.
+
+  ``q_side`` holds the query-indexed inputs [B, T, ...] (padded to a multiple of C with
+  zeros: segment 0 rows see nothing); outputs are stitched back to [B, T, ...]."""
+  C = min(chunk, T)
+  n = -(-T // C)
+  if n == 1:
+    return fn(0, q_side)
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, n * C - T)] + [(0, 0)] * (a.ndim - 2))
+  q_side = jax.tree.map(pad, q_side)
+
+  def body(c0):
+    sl = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, c0, C, axis=1), q_side)
+    return fn(c0, sl)
+
+  out = jax.lax.map(jax.checkpoint(body), jnp.arange(n) * C)
+  return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(
+      (a.shape[1], n * C) + a.shape[3:])[:, :T], out)
+
+
+def band_keys(kv_BSH: jax.Array, seg_BS: jax.Array, window: int, T_pad: int):
+  """Pad keys for ``band_slice``: W-1 empty rows in front, enough at the back."""
+  S = kv_BSH.shape[1]
+  back = max(T_pad - S, 0)
+  return (jnp.pad(kv_BSH, ((0, 0), (window - 1, back), (0, 0))),
+          jnp.pad(seg_BS, ((0, 0), (window - 1, back))))
+
+
+def band_slice(padded, window: int, c0, C: int):
+  """Keys of rows [c0-W+1, c0+C) (shared by the chunk) and their rows."""
+  kv_pad, seg_pad = padded
+  L = C + window - 1
+  k_BLH = jax.lax.dynamic_slice_in_dim(kv_pad, c0, L, axis=1)
+  seg_BL = jax.lax.dynamic_slice_in_dim(seg_pad, c0, L, axis=1)
+  return k_BLH, seg_BL, c0 - window + 1 + jnp.arange(L)
+
+
+def attend_sources(q_BCNH: jax.Array, sources, scale: float, sink_N: jax.Array | None,
+                   d_v: int):
+  """One softmax over several key sources, value = the key's first ``d_v`` dims.
+
+  ``sources``: list of (keys, mask_BCL): keys [B,L,H] shared by all queries of the chunk
+  or [B,C,L,H] per query. Returns (out [B,C,N,d_v] in q's dtype, per-source attention
+  summed over heads [B,C,L] fp32 — the indexer's KL target)."""
+  logits = []
+  for k, m in sources:
+    spec = "bcnh,blh->bcnl" if k.ndim == 3 else "bcnh,bclh->bcnl"
+    lg = jnp.einsum(spec, q_BCNH, k, preferred_element_type=jnp.float32) * scale
+    logits.append(jnp.where(m[:, :, None, :], lg, -jnp.inf))
+  lg = jnp.concatenate(logits, axis=-1)
+  mx = jnp.max(lg, axis=-1, keepdims=True)
+  if sink_N is not None:
+    sink = sink_N.astype(jnp.float32)[None, None, :, None]
+    mx = jnp.maximum(mx, sink)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # fully masked row: keep exp() finite
+  p = jnp.exp(lg - mx)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  if sink_N is not None:
+    denom = denom + jnp.exp(sink - mx)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  out, probs, start = 0.0, [], 0
+  for k, _ in sources:
+    L = k.shape[-2]
+    p_s = p[..., start:start + L]
+    start += L
+    spec = "bcnl,blv->bcnv" if k.ndim == 3 else "bcnl,bclv->bcnv"
+    out = out + jnp.einsum(spec, p_s.astype(k.dtype), k[..., :d_v],
+                           preferred_element_type=jnp.float32)
+    probs.append(jnp.sum(p_s, axis=2))
+  return out.astype(q_BCNH.dtype), probs
+
+
+def gather_rows(kv_BSH: jax.Array, idx_BCX: jax.Array) -> jax.Array:
+  """kv rows picked per query: [B,C,X,H] (indices clipped; callers mask invalid ones)."""
+  B, C, X = idx_BCX.shape
+  flat = jnp.clip(idx_BCX, 0, kv_BSH.shape[1] - 1).reshape(B, C * X)
+  return jnp.take_along_axis(kv_BSH, flat[..., None], axis=1).reshape(B, C, X, -1)

@@ -54,6 +54,34 @@ class AttentionConfig:
   q_norm: bool = True
   sink: bool = True
   grouped_output: bool = True
+  # sparse attention (DESIGN §2, §8): "dense" | "dsa" (V3.2 lightning indexer + top-k
+  # tokens) | "compressed" (V4: sliding window + per-layer CSA/HCA compressed entries)
+  sparse: str = "dense"
+  index_n_heads: int = 4           # lightning indexer heads (64 at full size)
+  index_head_dim: int = 128        # per indexer head (128 at full size)
+  index_topk: int = 2048           # tokens (dsa) / compressed entries (CSA) per query
+  dsa_stage: str = "sparse"        # "warmup": dense attention, KL trains the indexer only
+  index_kl_weight: float = 1.0     # weight of KL(main attention || softmax(index scores))
+  window_size: int = 128           # V4 sliding window W (tokens, the query included)
+  compress_ratios: tuple[int, ...] = ()  # per layer: 0 window only, 4 CSA, other r HCA
+  # every layer with compression uses this RoPE (V4: theta 160000, YaRN x16 from 65536)
+  compress_rope: RopeConfig = RopeConfig(theta=160000.0, yarn_factor=16.0,
+                                         original_max_len=65536)
+  qat: bool = False                # V4 fake quantisation (FP8 keys, Hadamard+FP4 indexer)
+  attn_chunk: int = 256            # query chunk of the sparse paths (memory ~ chunk x keys)
+
+  def compress_ratio(self, layer_id: int) -> int:
+    """The layer's compression ratio (0 = window only; always 0 unless sparse=compressed)."""
+    if self.sparse != "compressed" or not self.compress_ratios:
+      return 0
+    if not 0 <= layer_id < len(self.compress_ratios):
+      raise ValueError(f"layer_id={layer_id} has no entry in attention.compress_ratios="
+                       f"{self.compress_ratios}; expected one ratio per layer")
+    return self.compress_ratios[layer_id]
+
+  def layer_rope(self, layer_id: int) -> RopeConfig:
+    """V4: layers with compression rotate everything with ``compress_rope``."""
+    return self.compress_rope if self.compress_ratio(layer_id) else self.rope
 
   @property
   def qk_rope_head_dim(self) -> int:
@@ -81,7 +109,42 @@ class AttentionConfig:
         raise ValueError(f"attention.n_heads={self.n_heads} is not divisible by "
                          f"attention.o_groups={self.o_groups}; expected heads to split "
                          f"evenly into output groups")
+    self._validate_sparse()
     return self
+
+  def _validate_sparse(self) -> None:
+    modes, stages = ("dense", "dsa", "compressed"), ("warmup", "sparse")
+    if self.sparse not in modes:
+      raise ValueError(f"attention.sparse={self.sparse!r}; expected one of {modes}")
+    if self.dsa_stage not in stages:
+      raise ValueError(f"attention.dsa_stage={self.dsa_stage!r}; expected one of {stages}")
+    for name in ("index_n_heads", "index_head_dim", "index_topk", "window_size", "attn_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"attention.{name}={getattr(self, name)}; expected a positive int")
+    if self.index_kl_weight < 0:
+      raise ValueError(f"attention.index_kl_weight={self.index_kl_weight}; expected >= 0")
+    J = self.index_head_dim
+    if self.sparse != "dense" and (J & (J - 1) or J % 32 or J < self.rope.dim):
+      raise ValueError(f"attention.index_head_dim={J}; expected a power of two, a multiple "
+                       f"of 32 (FP4 blocks) and >= rope.dim={self.rope.dim}: indexer heads "
+                       f"split into RoPE dims and whole Hadamard/quantisation blocks")
+    if self.compress_ratios and self.sparse != "compressed":
+      raise ValueError(f"attention.compress_ratios={self.compress_ratios} with sparse="
+                       f"{self.sparse!r}; expected sparse='compressed' (or no ratios)")
+    if self.sparse != "compressed":
+      return
+    if self.geometry != "model1":
+      raise ValueError(f"attention.sparse='compressed' with geometry={self.geometry!r}; "
+                       f"expected geometry='model1' (V4 compressed attention)")
+    if self.compress_rope.dim != self.rope.dim:
+      raise ValueError(f"attention.compress_rope.dim={self.compress_rope.dim}; expected "
+                       f"rope.dim={self.rope.dim} (the same rotated dims in every layer)")
+    W = self.window_size
+    for i, r in enumerate(self.compress_ratios):
+      if r < 0 or r == 1 or (r and W % r and r % W):
+        raise ValueError(f"attention.compress_ratios[{i}]={r} with window_size={W}; "
+                         f"expected 0 (window only) or a ratio >= 2 that divides the "
+                         f"window or is a multiple of it (V4: 4 and 128 with W=128)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +205,22 @@ def to_dict(cfg) -> dict:
 
 # ---------------------------------------------------------------- parameter count
 
-def attention_params(a: AttentionConfig, d: int) -> int:
+def _compressor_params(d: int, r: int, head: int) -> int:
+  coff = 2 if r == 4 else 1                     # CSA pools overlapping blocks: 2x width
+  return 2 * d * coff * head + r * coff * head + head  # wkv, wgate, ape, norm
+
+
+def attention_params(a: AttentionConfig, d: int, layer_id: int = 0) -> int:
+  """Parameters of one attention layer (``layer_id`` picks the V4 compression ratio)."""
   n = a.q_lora_rank * d + a.q_lora_rank  # wq_a + q_norm
+  I, J = a.index_n_heads, a.index_head_dim
+  r = a.compress_ratio(layer_id)
+  if a.sparse == "dsa":  # V3.2 indexer: wq_b, wk, k_norm (LayerNorm), weights_proj
+    n += a.q_lora_rank * I * J + d * J + 2 * J + d * I
+  if r:
+    n += _compressor_params(d, r, a.head_dim)
+  if r == 4:  # CSA indexer: wq_b, weights_proj and its own compressor
+    n += a.q_lora_rank * I * J + d * I + _compressor_params(d, r, J)
   if a.geometry == "v32":
     qk = a.qk_nope_head_dim + a.rope.dim
     n += a.q_lora_rank * a.n_heads * qk

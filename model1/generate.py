@@ -7,6 +7,10 @@ feeds one token per sequence at its own position: every layer writes its new cac
 vector and attends over the cache with FlashMLA semantics (``pallas_kernels.dense_decode``:
 ``impl="xla"`` reference or ``"pallas"`` kernel). V32 decodes in absorbed form over the
 576-dim latent; MODEL1 over the shared 512-dim key=value with VVPA and the sink.
+Sparse models (``attention.sparse``) decode with ``pallas_kernels.sparse_decode``: DSA
+over the paged token cache with the indexer's top-k; V4 compressed attention over a ring
+of W window slots plus the compressed entries (``kv_cache.CompressedLayerCache``), the
+prefill leaving each compressor's unfinished block in its state.
 
 The decode step is one jitted function of (params, caches, tokens, positions, block
 table): it compiles once per batch size and cache shape, never per token.
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model1.kv_cache import PagedKVCache, kcache_format, slots_for, write_layer
+from model1.kv_cache import PagedKVCache, kcache_format, write_prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +68,7 @@ def _prefill(graphdef, state, tokens_BT, segment_ids_BT):
 
 @partial(jax.jit, donate_argnums=(0,))
 def _write_prefill(caches, kvs, block_table_BZ, lens_B):
-  T = kvs[0].shape[1]
-  pos_BT = jnp.broadcast_to(jnp.arange(T), (lens_B.shape[0], T))
-  slots = slots_for(block_table_BZ, pos_BT, caches[0].block_size, pos_BT < lens_B[:, None])
-  return [write_layer(c, kv, slots) for c, kv in zip(caches, kvs)]
+  return [write_prefill(c, kv, block_table_BZ, lens_B) for c, kv in zip(caches, kvs)]
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
@@ -99,7 +100,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
   B = len(prompts)
   lens = np.array([len(p) for p in prompts], np.int32)
   total = int(lens.max()) + sampling.max_new_tokens
-  cache = PagedKVCache.create(cfg.n_layers, B, total, fmt, cfg.attention.d_qk, block_size)
+  cache = PagedKVCache.for_model(cfg, B, total, fmt, block_size)
   cache.reserve(lens + sampling.max_new_tokens)
 
   graphdef, state = nnx.split(model)

@@ -14,6 +14,20 @@ since lengths mask them). The token at position p of sequence b lives at flat sl
 
 Capacity checks happen on the host before any write, so a full cache raises a
 ``ValueError`` and leaves the cache unchanged.
+
+Sparse models keep a richer per-layer cache (``PagedKVCache.for_model`` builds them;
+``write_prefill`` fills any of them from a prefill):
+
+  ``KCache``                dense layers, as above.
+  ``DSALayerCache``         V3.2 DSA: the paged token ``kv`` KCache plus the indexer's key
+                            per token, ``index_k [Z, Y, J]`` fp32 at the same slots.
+  ``CompressedLayerCache``  V4 (not paged: a fixed size per sequence, as V4 allocates it):
+      window  KCache with one block of W slots per sequence, a ring: position p of
+              sequence b at slot b*W + p % W  (the main cache of ``sparse_decode``);
+      comp    KCache with one block of M = ceil(max_tokens / r) entries per sequence,
+              entry j at slot b*M + j (the *extra* cache of ``sparse_decode``);
+      state   the compressor's partial block (kv, score) [B, coff*r, coff*H] fp32;
+      icomp, istate  (CSA) the indexer compressor's entries [B, M, J] and its state.
 """
 from __future__ import annotations
 
@@ -24,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model1.compressor import empty_state, prefill_state
 from pallas_kernels.fp8_cache import KCache, write_k_cache
 
 CACHE_FORMATS = ("bf16", "fp8")
@@ -59,13 +74,62 @@ class BlockAllocator:
     self.free_blocks.extend(int(b) for b in blocks)
 
 
+@dataclasses.dataclass(frozen=True)
+class DSALayerCache:
+  kv: KCache                       # paged token cache (as a dense layer)
+  index_k: jax.Array               # [Z, Y, J] fp32 indexer keys at the same slots
+
+  @property
+  def bytes_per_token(self) -> int:
+    return self.kv.bytes_per_token + 4 * self.index_k.shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedLayerCache:
+  window: KCache                   # [B blocks, W slots] ring
+  comp: KCache | None = None       # [B blocks, M entries]
+  state: tuple | None = None       # compressor (kv, score) [B, coff*r, coff*H]
+  icomp: jax.Array | None = None   # [B, M, J] CSA indexer keys
+  istate: tuple | None = None
+  ratio: int = 0
+
+  @property
+  def bytes_per_token(self) -> int:
+    """Amortised bytes per token of context (the window's W slots are a constant)."""
+    if not self.ratio:
+      return 0
+    j = 0 if self.icomp is None else 4 * self.icomp.shape[-1]
+    return (self.comp.bytes_per_token + j) // self.ratio
+
+  @classmethod
+  def empty(cls, batch: int, max_tokens: int, fmt: str, a, layer_id: int):
+    r = a.compress_ratio(layer_id)
+    window = KCache.empty(batch, a.window_size, fmt, a.head_dim)
+    if not r:
+      return cls(window)
+    m = -(-max_tokens // r)
+    icomp = istate = None
+    if r == 4:
+      icomp = jnp.zeros((batch, m, a.index_head_dim), jnp.float32)
+      istate = empty_state(batch, r, a.index_head_dim)
+    return cls(window, KCache.empty(batch, m, fmt, a.head_dim), empty_state(batch, r, a.head_dim),
+               icomp, istate, r)
+
+
+for _cls in (DSALayerCache, CompressedLayerCache):
+  jax.tree_util.register_dataclass(
+      _cls, data_fields=[f.name for f in dataclasses.fields(_cls) if f.name != "ratio"],
+      meta_fields=["ratio"] if _cls is CompressedLayerCache else [])
+
+
 @dataclasses.dataclass
 class PagedKVCache:
-  layers: list[KCache]             # one per transformer layer
+  layers: list                     # per layer: KCache | DSALayerCache | CompressedLayerCache
   block_table: np.ndarray          # [B, max_blocks_per_seq] int32 (host)
   seqlens: np.ndarray              # [B] int32 (host): tokens written per sequence
   allocator: BlockAllocator
   owned: list[list[int]]           # blocks held by each sequence
+  page_block: int = 64             # tokens per page block
 
   @classmethod
   def create(cls, n_layers: int, batch: int, max_tokens: int, fmt: str, head_dim: int,
@@ -76,15 +140,31 @@ class PagedKVCache:
     num_blocks = num_blocks if num_blocks is not None else batch * per_seq
     layers = [KCache.empty(num_blocks, block_size, fmt, head_dim) for _ in range(n_layers)]
     return cls(layers, np.zeros((batch, per_seq), np.int32), np.zeros((batch,), np.int32),
-               BlockAllocator(num_blocks), [[] for _ in range(batch)])
+               BlockAllocator(num_blocks), [[] for _ in range(batch)], block_size)
+
+  @classmethod
+  def for_model(cls, cfg, batch: int, max_tokens: int, fmt: str, block_size: int = 64,
+                num_blocks: int | None = None) -> "PagedKVCache":
+    """The caches a ``ModelConfig`` needs: per-layer KCache, DSALayerCache or
+    CompressedLayerCache (see the module docstring)."""
+    a = cfg.attention
+    n_paged = 0 if a.sparse == "compressed" else cfg.n_layers
+    c = cls.create(n_paged, batch, max_tokens, fmt, a.d_qk, block_size, num_blocks)
+    if a.sparse == "dsa":
+      c.layers = [DSALayerCache(k, jnp.zeros(k.nope.shape[:2] + (a.index_head_dim,),
+                                             jnp.float32)) for k in c.layers]
+    elif a.sparse == "compressed":
+      c.layers = [CompressedLayerCache.empty(batch, max_tokens, fmt, a, i)
+                  for i in range(cfg.n_layers)]
+    return c
 
   @property
   def block_size(self) -> int:
-    return self.layers[0].block_size
+    return self.page_block
 
   @property
   def fmt(self) -> str:
-    return self.layers[0].fmt
+    return _main(self.layers[0]).fmt
 
   def bytes_per_token(self) -> int:
     return sum(c.bytes_per_token for c in self.layers)
@@ -128,3 +208,38 @@ def slots_for(block_table_BZ: jax.Array, positions_BT: jax.Array, block_size: in
 def write_layer(cache: KCache, kv_BTH: jax.Array, slots_BT: jax.Array) -> KCache:
   H = kv_BTH.shape[-1]
   return write_k_cache(cache, kv_BTH.reshape(-1, H).astype(jnp.bfloat16), slots_BT.reshape(-1))
+
+
+def _main(layer) -> KCache:
+  return layer if isinstance(layer, KCache) else (
+      layer.kv if isinstance(layer, DSALayerCache) else layer.window)
+
+
+def write_prefill(layer, kv, block_table_BZ: jax.Array, lens_B: jax.Array):
+  """Write one layer's prefill output (``MLA(..., return_kv=True)``'s second value for
+  prompts right-padded to T, ``lens_B`` real tokens each) into its cache."""
+  T = (kv if isinstance(layer, KCache) else kv["kv"]).shape[1]
+  B = lens_B.shape[0]
+  pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  real_BT = pos_BT < lens_B[:, None]
+  if isinstance(layer, KCache):
+    return write_layer(layer, kv, slots_for(block_table_BZ, pos_BT, layer.block_size, real_BT))
+  if isinstance(layer, DSALayerCache):
+    slots_BT = slots_for(block_table_BZ, pos_BT, layer.kv.block_size, real_BT)
+    ik = layer.index_k.reshape(-1, layer.index_k.shape[-1])
+    ik = ik.at[slots_BT.reshape(-1)].set(kv["index_k"].reshape(-1, ik.shape[-1]).astype(ik.dtype),
+                                         mode="drop")
+    return DSALayerCache(write_layer(layer.kv, kv["kv"], slots_BT), ik.reshape(layer.index_k.shape))
+  W, r, b_B1 = layer.window.block_size, layer.ratio, jnp.arange(B)[:, None]
+  ring_BT = jnp.where(real_BT & (pos_BT >= lens_B[:, None] - W), b_B1 * W + pos_BT % W, -1)
+  new = {"window": write_layer(layer.window, kv["kv"], ring_BT)}
+  if r:
+    Mx, M = layer.comp.block_size, kv["comp"].shape[1]
+    done_BM = jnp.arange(M)[None] < (lens_B // r)[:, None]          # complete blocks only
+    new["comp"] = write_layer(layer.comp, kv["comp"], jnp.where(done_BM, b_B1 * Mx + jnp.arange(M), -1))
+    new["state"] = prefill_state(kv["ckv"], kv["cscore"], lens_B, r)
+    if layer.icomp is not None:
+      ik = jnp.where(done_BM[..., None], kv["icomp"].astype(layer.icomp.dtype), 0.0)
+      new["icomp"] = layer.icomp.at[:, :M].set(ik)
+      new["istate"] = prefill_state(kv["ickv"], kv["icscore"], lens_B, r)
+  return dataclasses.replace(layer, **new)

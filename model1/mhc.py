@@ -193,7 +193,7 @@ class HyperConnection(nnx.Module):
       h_BTCD = site.post(attn(attn_norm(x_BTD)), h_BTCD, post_BTC, comb_BTCC)
 
   or ``h_BTCD, extra = site(h_BTCD, lambda x: attn(attn_norm(x)))``.
-  Parameters (C ≥ 2 only): ``fn`` [(2+C)·C, C·D], ``base`` [(2+C)·C], ``scale`` [3], fp32.
+  Parameters (C ≥ 2 only), fp32: ``fn`` [(2+C)·C, C·D], ``base`` [(2+C)·C], ``scale`` [3].
   """
 
   def __init__(self, cfg: MHCConfig, d_model: int, *, rngs: nnx.Rngs):
@@ -202,8 +202,8 @@ class HyperConnection(nnx.Module):
     c = cfg.hc_mult
     if c == 1:
       return  # plain residual: no parameters (see module docstring)
-    self.fn = sharding.param(_fn_init(cfg, d_model), rngs.params(), (cfg.n_mixes, c * d_model),
-                             (None, None), jnp.float32)
+    self.fn = sharding.param(_fn_init(cfg, d_model), rngs.params(),
+                             (cfg.n_mixes, c * d_model), (None, None), jnp.float32)
     base = jnp.zeros((cfg.n_mixes,), jnp.float32)
     base = base.at[2 * c:].add((jnp.eye(c) * cfg.comb_diag_init).reshape(-1))
     self.base = sharding.param(lambda *_: base, rngs.params(), (cfg.n_mixes,), (None,),

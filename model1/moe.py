@@ -31,16 +31,18 @@ Balancing in training (the train step's side; see ``apply_bias_updates``):
     over micro-batches until then; call ``reset_moe_stats(model)`` after eval forwards.
 
 Dispatch (dropless, no capacity): the U·X (token, expert) assignments are sorted by
-expert and run through grouped matmuls; memory grows with U·X, not U·E.
+expert and run through grouped matmuls; activation memory grows with U·X·D, not U·E·D
+(the router's [U, E] scores aside).
 ``dispatch="blocked"`` (default) pads each expert's group to a multiple of
 ``block_size`` rows (at most U·X + min(E, U·X)·(block_size − 1) rows in all) and scans
 over the blocks, one dense [block, D]·[D, F] product per block with that block's
 expert weights; it is memory-proportional on every backend. ``dispatch="ragged_dot"``
 uses ``jax.lax.ragged_dot``. On CPU jax lowers that to a masked dense product whose
 memory is U·X·E·D, and upstream reports (marin-community/marin #5394, #7012) show the
-CUDA lowering of jaxlib 0.9–0.10 densifying the same way; it is a true grouped GEMM on
-TPU, and on GPU with ``jax.config.update('jax_ragged_dot_use_gpu_pallas_triton_lowering',
-True)`` (untested here). Both paths agree with a per-token loop (tests).
+CUDA lowering of jaxlib 0.9–0.10 densifying the same way. It lowers to XLA's
+ragged-dot instruction on TPU, and to a Pallas grouped matmul on GPU after
+``jax.config.update('jax_ragged_dot_use_gpu_pallas_triton_lowering', True)`` (neither
+tried here). Both paths agree with a per-token loop (tests).
 
 Expert parallelism. When the active mesh (``model1.sharding.use_mesh``) has an
 ``expert`` axis of size > 1, the expert weights [E, ...] are split over it
@@ -168,7 +170,7 @@ class HashRoutingTable(nnx.Variable):
 
 
 def swiglu_hidden(g: jax.Array, u: jax.Array, limit: float) -> jax.Array:
-  """silu(g)·u in fp32 with V4's clamps (limit > 0): u to [−limit, limit], g to ≤ limit."""
+  """silu(g)·u in fp32; V4's clamps when limit > 0: u to [−limit, limit], g to ≤ limit."""
   g = g.astype(jnp.float32)
   u = u.astype(jnp.float32)
   if limit > 0:
@@ -226,7 +228,7 @@ def _routed_local(x_UD, idx_UX, w_UX, w1, w2, w3, offset, *, limit, dispatch, bl
   dt = x_UD.dtype
 
   if dispatch == "ragged_dot":
-    xs = x_UD[tok_s]                                      # [A, D]; rows past the groups -> 0
+    xs = x_UD[tok_s]                                      # [A, D]; rows past groups -> 0
     g = jax.lax.ragged_dot(xs, w1.astype(dt), counts, preferred_element_type=jnp.float32)
     up = jax.lax.ragged_dot(xs, w3.astype(dt), counts, preferred_element_type=jnp.float32)
     h = (swiglu_hidden(g, up, limit) * w_s[:, None]).astype(dt)
@@ -280,6 +282,9 @@ def routed_experts(x_UD, idx_UX, w_UX, w1, w2, w3, *, limit: float,
   ep = mesh.shape.get("expert", 1) if mesh is not None else 1
   if ep == 1:
     return fn(x_UD, idx_UX, w_UX, w1, w2, w3, 0)
+  if w1.shape[0] % ep:
+    raise ValueError(f"n_routed_experts={w1.shape[0]}; expected a multiple of the 'expert' "
+                     f"mesh axis size ({ep})")
   n_local = w1.shape[0] // ep
   scatter = x_UD.shape[0] % ep == 0
 
@@ -445,10 +450,11 @@ class MoE(nnx.Module):
       s_norm = (s / jnp.sum(s, axis=-1, keepdims=True)).reshape(b, t, e)
       p = jnp.einsum("bt,bte->be", m, s_norm) / n_tok[:, None]         # P_bi
       aux_loss = cfg.seq_aux_loss_weight * jnp.mean(jnp.sum(f * p, axis=-1))
-    return y, MoEAux(aux_loss, jax.lax.stop_gradient(load), jax.lax.stop_gradient(load_frac))
+    return y, MoEAux(aux_loss, jax.lax.stop_gradient(load),
+                     jax.lax.stop_gradient(load_frac))
 
 
-# ------------------------------------------------------------------------------ train-step API
+# ------------------------------------------------------------------------- train-step API
 
 
 def _moe_layers(model: nnx.Module):

@@ -19,18 +19,21 @@ accumulation: one per ``grad_accum`` micro-batches).
 Muon partition (``muon_mask``). A leaf goes to Muon iff it has ≥ 2 dimensions and is not
 excluded by name or logical axis:
   * excluded names — any path component equal to one of ``cfg.adamw_names`` (default:
-    embed, embedding, head, gate, norm, scale, bias, ape, sink, conv): embeddings, the
-    output head, the MoE router (V4 calls it ``gate``), norms, mHC's static biases and
-    gating factors, the compressor's positional bias ``ape``, attention sinks and the
-    depthwise conv kernel. Exact component match: ``hc_head.fn`` (a path component
+    embed, embedding, head, gate, norm, norms, scale, bias, ape, attn_sink, sink, conv):
+    embeddings, the output head, the MoE router (V4 calls it ``gate``), norms (Engram's
+    per-stream ``norms`` are 2-D), mHC's static biases and gating factors, the
+    compressor's positional bias ``ape``, attention sinks and Engram's depthwise conv. Exact component match: ``hc_head.fn`` (a path component
     ``hc_head``) is not the output ``head``.
   * excluded axes — a leaf whose ``logical_axes`` metadata contains "vocab" or
     "engram_rows" (token embedding / output head / Engram tables, however named); only
     visible when the tree holds ``nnx.Variable`` leaves (optimizer init), so names must
     also catch them for the update pass — a mismatch raises at ``init``.
-  * ≥ 3-D leaves (stacked MoE experts [E, D, F], grouped ``wo_a`` [G, ., .]) are
-    batches of matrices: the last two axes are (fan-in, fan-out), every leading axis is
-    a batch axis orthogonalised independently (``MuonDimensionNumbers``).
+  * how Muon sees a leaf (``muon_dimension_numbers``): stacked matrices — a path
+    component in BATCHED_NAMES (``experts`` [E, D, F], ``wo_a`` [G, in, out]) — have
+    leading batch axes, each matrix orthogonalised on its own; everything else follows
+    the project's Dense layout [in, *out]: axis 0 is the fan-in, the remaining axes
+    together the fan-out (``wq_b`` [q_lora, heads, head_dim] is one matrix). At init the
+    logical axes are cross-checked ("exp"/"o_groups" leading axes <=> batched name).
   Everything 1-D (norm weights, biases, mHC base/scale, sinks) is AdamW by shape.
 This follows the DeepSeek-V4 report (Muon for most matrices; AdamW for the embedding,
 prediction head, mHC static biases and gating factors, RMSNorm weights) plus the router
@@ -44,6 +47,7 @@ tells the train step when that happened (e.g. to apply MoE bias updates then).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -51,11 +55,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
-from optax.contrib._muon import scale_by_shape
 
-DEFAULT_ADAMW_NAMES = ("embed", "embedding", "head", "gate", "norm", "scale", "bias", "ape",
-                       "sink", "conv")
+DEFAULT_ADAMW_NAMES = ("embed", "embedding", "head", "gate", "norm", "norms", "scale", "bias",
+                       "ape", "attn_sink", "sink", "conv")
 ADAMW_AXES = ("vocab", "engram_rows")
+# Leading axes with these logical names index independent matrices (MoE experts, V4's
+# grouped output projection); parameters holding them are named by BATCHED_NAMES.
+BATCH_AXES = ("exp", "o_groups")
+BATCHED_NAMES = ("experts", "wo_a")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +153,12 @@ def _value(x):
   return x.get_value() if _is_var(x) else x
 
 
+def _n_batch(path, ndim: int) -> int:
+  """Leading batch axes of a Muon leaf: ndim − 2 for stacked matrices (a path component
+  in BATCHED_NAMES), else 0."""
+  return ndim - 2 if any(n in BATCHED_NAMES for n in _names(path)) else 0
+
+
 def _leaf_is_muon(path, leaf, adamw_names) -> bool:
   val = _value(leaf)
   if getattr(val, "ndim", 0) < 2:
@@ -153,14 +166,31 @@ def _leaf_is_muon(path, leaf, adamw_names) -> bool:
   if any(n in adamw_names for n in _names(path)):
     return False
   if _is_var(leaf):
-    axes = leaf.get_metadata().get("logical_axes") or ()
+    # Only optimizer init sees the metadata; the update pass decides by names alone, so
+    # refuse here any leaf whose metadata disagrees with what its name implies.
+    where = "/".join(_names(path))
+    axes = tuple(leaf.get_metadata().get("logical_axes") or ())
     if any(a in ADAMW_AXES for a in axes):
       raise ValueError(
-          f"parameter {'/'.join(_names(path))} has logical_axes={tuple(axes)} (an "
-          f"embedding/head-like axis) but a name that would send it to Muon; expected a "
-          f"path component in OptimConfig.adamw_names={adamw_names} (rename the "
-          f"parameter or add its name there)")
+          f"parameter {where} has logical_axes={axes} (an embedding/head-like axis) but a "
+          f"name that would send it to Muon; expected a path component in "
+          f"OptimConfig.adamw_names={adamw_names} (rename the parameter or add its name)")
+    lead = next((i for i, a in enumerate(axes) if a not in BATCH_AXES), len(axes))
+    if axes and lead != _n_batch(path, val.ndim):
+      raise ValueError(
+          f"parameter {where} has logical_axes={axes} ({lead} leading batch axes of "
+          f"{BATCH_AXES}) but its name implies {_n_batch(path, val.ndim)}; expected stacked "
+          f"matrices to be named by one of {BATCHED_NAMES} and nothing else")
   return True
+
+
+def muon_dimension_numbers(path, ndim: int) -> MuonDimensionNumbers:
+  """How Muon sees a leaf: leading batch axes (stacked experts / output groups) are
+  orthogonalised independently; of the rest, the first axis is the fan-in (reduction)
+  and all later axes together the fan-out — the project's Dense layout [in, *out]
+  (e.g. wq_b [q_lora, heads, head_dim] is one [q_lora, heads·head_dim] matrix)."""
+  nb = _n_batch(path, ndim)
+  return MuonDimensionNumbers(reduction_axis=nb, output_axis=tuple(range(nb + 1, ndim)))
 
 
 def muon_mask(params: Any, adamw_names: tuple[str, ...] = DEFAULT_ADAMW_NAMES) -> Any:
@@ -190,19 +220,36 @@ def _adamw(cfg: OptimConfig) -> optax.GradientTransformation:
                      weight_decay=cfg.weight_decay, mask=_wd_mask(cfg))
 
 
+def _scale_by_shape(consistent_rms: float | None) -> optax.GradientTransformation:
+  """Muon's shape scaling (what optax.contrib.muon does with a private helper), with
+  fan-in/fan-out from ``muon_dimension_numbers``: sqrt(max(1, fan_out/fan_in)), or
+  consistent_rms·sqrt(max(fan_in, fan_out)) when given."""
+  def scale(path, u):
+    dn = muon_dimension_numbers(path, u.ndim)
+    fan_in = u.shape[dn.reduction_axis]
+    fan_out = math.prod(u.shape[a] for a in dn.output_axis)
+    if consistent_rms is None:
+      return u * max(1.0, fan_out / fan_in) ** 0.5
+    return u * (consistent_rms * max(fan_in, fan_out) ** 0.5)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _muon(cfg: OptimConfig) -> optax.GradientTransformation:
   def dims(params):
     # inside optax.partition the Muon branch sees a masked tree (MaskedNode elsewhere);
     # a MaskedNode is an empty pytree, so mapping over it leaves it in place.
-    def one(p, x):
-      nd = _value(x).ndim
-      return MuonDimensionNumbers(reduction_axis=nd - 2, output_axis=nd - 1)
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_var)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: muon_dimension_numbers(p, _value(x).ndim), params, is_leaf=_is_var)
 
   return optax.chain(
       scale_by_muon(ns_steps=cfg.muon_ns_steps, beta=cfg.muon_beta, nesterov=True,
                     weight_dimension_numbers=dims),
-      scale_by_shape(weight_dimension_numbers=dims, consistent_rms=cfg.muon_consistent_rms),
+      _scale_by_shape(cfg.muon_consistent_rms),
       optax.add_decayed_weights(cfg.weight_decay),
       optax.scale_by_learning_rate(lr_schedule(cfg, cfg.muon_lr)),
   )
@@ -225,7 +272,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 def is_accumulation_boundary(opt_state: Any) -> jax.Array | bool:
   """True when the last ``update`` applied parameters (always, without accumulation).
   ``opt_state`` is ``nnx.Optimizer.opt_state`` or a raw optax state."""
-  st = nnx.as_pure(opt_state) if isinstance(opt_state, (nnx.State, nnx.Variable)) else opt_state
+  st = opt_state
+  if isinstance(st, (nnx.State, nnx.Variable)):
+    st = nnx.as_pure(st)
   if isinstance(st, optax.MultiStepsState):
     return st.mini_step == 0
   return True

@@ -17,7 +17,18 @@ are removed with selects, so their bytes never matter; tokens inside the sequenc
 causal row does not see are assumed finite (they are real tokens).
 
 Source: FlashMLA ``flash_mla/flash_mla_interface.py`` and the dense reference of its tests
-(``torch.ones(s_q, s_k).tril(diagonal=s_k - s_q)`` causal mask).  Shapes (letter key:
+(``torch.ones(s_q, s_k).tril(diagonal=s_k - s_q)`` causal mask).
+
+The Pallas kernel (``impl="pallas"``, Triton backend; interpret mode on CPU) is FlashMLA's
+split-KV decoder (``flash_fwd_splitkv_mla`` + ``flash_fwd_mla_combine``):
+  * rows: the s_q queries of the G heads that share a KV head are one row block
+    (``[T*G, d]``, FlashMLA's "s_q x h_q as M" trick for MQA), padded to ``block_m`` >= 16;
+  * grid ``(batch, num_splits, h_kv * row blocks)``: split s takes an equal run of the
+    sequence's ``block_k``-token chunks; a program loops over its chunks (fori_loop),
+    reading each token's page through ``block_table`` (so any page size works, 3 or 5
+    included) and dequantising each key tile in registers (``_tiles``);
+  * each program writes a normalised fp32 partial and its lse; ``combine.combine_splits``
+    merges the splits (with one split the kernel finalises in place and writes bf16).  Shapes (letter key:
 B batch, T query positions, N query heads, K KV heads, G heads per KV head, S key
 positions, Z page blocks, Y tokens per block, H head dim, V value dim):
   q ``[B, T, N, H]`` bf16; block_table ``[B, max_blocks]`` int32; cache_seqlens ``[B]``
@@ -25,13 +36,17 @@ positions, Z page blocks, Y tokens per block, H head dim, V value dim):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import combine
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _tiles, combine
 from pallas_kernels.fp8_cache import KCache, as_kcache, host_value, require
 
 IMPLS = ("xla", "pallas")
@@ -136,8 +151,158 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, *, head_dim_v
   return _reference_core(**args, head_dim_v=head_dim_v)
 
 
+# ----------------------------------------------------------------------------- Pallas kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseDecodeTuning:
+  """Static kernel knobs (hashable: part of the jit cache key).
+
+  block_m: query rows (s_q x heads of one KV head) per program; None = min(64, rows),
+    rounded up to a power of two >= 16.  block_k: keys per loop step (power of two >= 16).
+  num_splits: split-KV factor; None = enough programs for ~1 wave of the GPU's SMs
+    (132 on H100/H200; 2 in interpret mode, where every program costs CPU time).
+  """
+  block_m: int | None = None
+  block_k: int = 64
+  num_splits: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+  num_sms: int = 132
+
+
+def _dense_kernel(table_ref, seqlens_ref, scale_ref, q_ref, nope_ref, rope_ref, *rest,
+                  layout, has_scales, block_size, h_kv, rows_per_kv, n_row_blocks,
+                  block_m, block_k, s_q, causal, num_splits, num_blocks, final):
+  scales_ref = rest[0] if has_scales else None
+  o_ref, lse_ref = rest[-2:]
+  refs = _tiles.KeyRefs(nope_ref, rope_ref, scales_ref)
+  b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  kv, row_block = j // n_row_blocks, j % n_row_blocks
+  seqlen = seqlens_ref[b]
+  scale = scale_ref[0]
+  c0, c1 = _tiles.split_range((seqlen + block_k - 1) // block_k, split, num_splits)
+  # Row r of the block is query position t = r // G of head g = r % G (padding rows: any t).
+  t_M = (row_block * block_m + jax.lax.broadcasted_iota(jnp.int32, (block_m,), 0)) // rows_per_kv
+  last_M = seqlen - s_q + t_M if causal else jnp.full((block_m,), seqlen - 1, jnp.int32)
+  q_tiles = _tiles.load_q(layout, q_ref)
+  max_pages = table_ref.shape[1]
+
+  def body(c, state):
+    pos_X = c * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    in_seq_X = pos_X < seqlen
+    page_X = plgpu.load(table_ref.at[b, jnp.minimum(pos_X // block_size, max_pages - 1)],
+                        mask=in_seq_X)
+    # Pages inside the sequence were checked on the host; the clamp keeps garbage ids of
+    # pages past it (and anything under an outer jit) inside the cache.  Keys past the
+    # sequence keep their (stale) page: their loads are masked and their values selected
+    # away, which interpret mode, reading them anyway, puts to the test.
+    page_X = jnp.clip(page_X, 0, num_blocks - 1)
+    rows_X = (page_X * block_size + pos_X % block_size) * h_kv + kv
+    k_tiles = _tiles.load_keys(layout, refs, rows_X, in_seq_X)
+    visible_MX = in_seq_X[None, :] & (pos_X[None, :] <= last_M[:, None])
+    return _tiles.softmax_step(layout, state, q_tiles, k_tiles, visible_MX, scale)
+
+  state = jax.lax.fori_loop(c0, c1, body, _tiles.init_state(layout, block_m))
+  tiles, lse_M = _tiles.epilogue(state, None, final)
+  _tiles.store_value_tiles(layout, o_ref, tiles)
+  lse_ref[...] = lse_M
+
+
+def _kernel_operands(cache):
+  """(fmt, nope, rope, scales, num_blocks, block_size, h_kv, rope_col): 2-D views of the
+  cache (no copies); row (block * Y + offset) * h_kv + kv_head is one key."""
+  if isinstance(cache, KCache):
+    nope, rope, scales = _tiles.flat_key_arrays(cache)
+    return cache.fmt, nope, rope, scales, cache.num_blocks, cache.block_size, 1, 0
+  z, y, h_kv, d = cache.shape                       # bf16 [Z, Y, K, d]: one array, read twice
+  flat = cache.reshape(z * y * h_kv, d)
+  return "bf16", flat, flat, None, z, y, h_kv, d - _tiles.D_ROPE
+
+
+def num_splits_for(tuning: DenseDecodeTuning, programs: int, max_chunks: int,
+                   interpret: bool) -> int:
+  if tuning.num_splits is not None:
+    require(isinstance(tuning.num_splits, int) and tuning.num_splits >= 1,
+            f"num_splits={tuning.num_splits!r}: expected an int >= 1")
+    return tuning.num_splits
+  sms = 2 if interpret else tuning.num_sms
+  return max(1, min(-(-sms // programs), max_chunks, 64))
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "tuning", "interpret",
+                                             "partials"))
+def _pallas_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_dim_v, causal,
+                 tuning, interpret, partials=False):
+  """Kernel + combine.  partials=True returns the raw split partials instead:
+  (out ``[S, B, T, N, V]`` fp32, lse ``[S, B, T, N]`` with -inf for an empty split)."""
+  b, s_q, h_q, d = q.shape
+  fmt, nope, rope, scales, num_blocks, block_size, h_kv, rope_col = _kernel_operands(cache)
+  layout = _tiles.key_layout(fmt, d, head_dim_v, rope_col)
+  g = h_q // h_kv
+  rows = s_q * g
+  block_m = tuning.block_m or min(64, _tiles.pow2_at_least(rows))
+  _tiles.check_pow2("block_m", block_m)
+  _tiles.check_pow2("block_k", tuning.block_k)
+  n_rb = -(-rows // block_m)
+  # [B, T, K, G, H] -> [B, K, T*G, H]: row r = (t, g) with t = r // G.
+  q_BKMH = jnp.transpose(q.reshape(b, s_q, h_kv, g, d), (0, 2, 1, 3, 4)).reshape(b, h_kv, rows, d)
+  q_BKMH = jnp.pad(q_BKMH, ((0, 0), (0, 0), (0, n_rb * block_m - rows), (0, 0)))
+  max_chunks = -(-block_table.shape[1] * block_size // tuning.block_k)
+  splits = num_splits_for(tuning, b * h_kv * n_rb, max_chunks, interpret)
+  final = splits == 1 and not partials
+  kernel = functools.partial(
+      _dense_kernel, layout=layout, has_scales=scales is not None, block_size=block_size,
+      h_kv=h_kv, rows_per_kv=g, n_row_blocks=n_rb, block_m=block_m, block_k=tuning.block_k,
+      s_q=s_q, causal=causal, num_splits=splits, num_blocks=num_blocks, final=final)
+  whole = pl.no_block_spec
+  q_spec = pl.BlockSpec((None, None, block_m, d), lambda i, s, j: (i, j // n_rb, j % n_rb, 0))
+  lead = () if final else (splits,)
+  lead_block = () if final else (None,)
+  lead_idx = (lambda s: ()) if final else (lambda s: (s,))
+  out_shape = (jax.ShapeDtypeStruct((*lead, b, h_kv, n_rb * block_m, head_dim_v),
+                                    jnp.bfloat16 if final else jnp.float32),
+               jax.ShapeDtypeStruct((*lead, b, h_kv, n_rb * block_m), jnp.float32))
+  out_specs = (pl.BlockSpec((*lead_block, None, None, block_m, head_dim_v),
+                            lambda i, s, j: (*lead_idx(s), i, j // n_rb, j % n_rb, 0)),
+               pl.BlockSpec((*lead_block, None, None, block_m),
+                            lambda i, s, j: (*lead_idx(s), i, j // n_rb, j % n_rb)))
+  operands = [block_table, cache_seqlens, softmax_scale.reshape(1), q_BKMH, nope, rope]
+  if scales is not None:
+    operands.append(scales)
+  out, lse = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(b, splits, h_kv * n_rb),
+      in_specs=[whole, whole, whole, q_spec] + [whole] * (len(operands) - 4),
+      out_specs=out_specs,
+      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages),
+      interpret=interpret, name="dense_decode_mla")(*operands)
+  if not final and not partials:
+    out, lse = combine.combine_splits(out, lse, out_dtype=jnp.bfloat16)
+  # [..., B, K, M, V] -> [..., B, T, N, V] and lse [..., B, K, M] -> [..., B, T, N].
+  lead = out.shape[:-4]
+  out = out[..., :rows, :].reshape(*lead, b, h_kv, s_q, g, head_dim_v)
+  out = jnp.moveaxis(out, -4, -3).reshape(*lead, b, s_q, h_q, head_dim_v)
+  lse = lse[..., :rows].reshape(*lead, b, h_kv, s_q, g)
+  lse = jnp.moveaxis(lse, -3, -2).reshape(*lead, b, s_q, h_q)
+  if partials:
+    return out, lse
+  return out, jnp.swapaxes(lse, -1, -2)
+
+
+def dense_decode_partials(q, k_cache, block_table, cache_seqlens, *, head_dim_v,
+                          softmax_scale=None, causal=False, tuning=None, interpret=None):
+  """The Pallas kernel's split-KV partials before the combine (for tests and inspection):
+  out ``[S, b, s_q, h_q, V]`` fp32 (each normalised over its split), lse ``[S, b, s_q, h_q]``
+  (-inf for a split that saw no key).  ``combine.combine_splits`` of them = dense_decode."""
+  args = validate_dense_decode_args(q, k_cache, block_table, cache_seqlens,
+                                    head_dim_v=head_dim_v, softmax_scale=softmax_scale,
+                                    causal=causal)
+  return _pallas_core(**args, head_dim_v=head_dim_v, tuning=tuning or DenseDecodeTuning(),
+                      interpret=_tiles.default_interpret(interpret), partials=True)
+
+
 def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_scale=None,
-                 causal=False, impl="xla"):
+                 causal=False, impl="xla", tuning=None, interpret=None):
   """Dense paged decode attention (FlashMLA ``flash_mla_with_kvcache`` without indices).
 
   Args:
@@ -149,7 +314,10 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
     head_dim_v: value dims (the first head_dim_v of the key).
     softmax_scale: default d_qk ** -0.5.
     causal: for s_q > 1, query t sees keys j <= cache_seqlens - s_q + t.
-    impl: "xla" (the reference) or "pallas" (kernels; not implemented yet).
+    impl: "xla" (the reference) or "pallas" (the Triton split-KV kernel; interpret mode
+      on CPU).  The kernel needs head_dim_v = d_qk - 64 or d_qk (whole key tiles).
+    tuning: ``DenseDecodeTuning`` for impl="pallas" (default: its defaults).
+    interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (+inf if no key).
   """
@@ -158,7 +326,7 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
                                     head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                                     causal=causal)
   if impl == "pallas":
-    raise NotImplementedError(
-        "dense_decode(impl='pallas'): the Pallas dense-decode kernel is not written yet; "
-        "use impl='xla' (the jnp reference) for now")
+    _tiles.key_layout("bf16", q.shape[-1], head_dim_v)          # ValueError if untileable
+    return _pallas_core(**args, head_dim_v=head_dim_v, tuning=tuning or DenseDecodeTuning(),
+                        interpret=_tiles.default_interpret(interpret))
   return _reference_core(**args, head_dim_v=head_dim_v)

@@ -1,6 +1,6 @@
 """Sparse decode attention over a paged (FP8) KV cache: FlashMLA's ``flash_mla_with_kvcache``
-with ``indices`` (DESIGN.md §4).  This file holds the public entry point and the plain-jnp
-reference; Pallas kernels will join it and are tested against the reference.
+with ``indices`` (DESIGN.md §4).  This file holds the public entry point, the plain-jnp
+reference and the Pallas (Triton) kernel that is tested against it.
 
 What it computes, per batch b, query position t and head n (one shared KV vector per token):
     keys   k_x = dequant(cache[indices[b, t, x]]),  x < topk_length[b] and index != -1,
@@ -18,16 +18,32 @@ heads, H head dim, X top-k, V value dim):
   q ``[B, T, N, H]`` bf16; k_cache KCache / FlashMLA packed bytes; indices ``[B, T, X]`` int32
   (= block * block_size + offset, -1 invalid); topk_length ``[B]`` int32; attn_sink ``[N]``
   fp32.  Returns out ``[B, T, N, V]`` bf16 and lse ``[B, N, T]`` fp32.
+
+The kernel (FlashMLA's FP8 sparse decoder, ``sm90/decode/sparse_fp8``, in Triton):
+  * grid ``(b * s_q, num_splits, h_q / block_h)``: one program per query position, split
+    and head block; every head of the block attends over the same top-k keys, so each
+    key tile is gathered and dequantised once per ``block_h`` heads (64 by default, as
+    FlashMLA's 64-head tiles);
+  * a program walks its run of ``block_k``-entry blocks of the index list (fori_loop),
+    first the main cache's, then the extra cache's (own indices, lengths, block size),
+    all in one online softmax; blocks past ``topk_length`` are never visited;
+  * per block: gather each key tile by index (masked loads), dequantise in registers
+    (``_tiles``), ``q @ k.T``, online softmax, ``p @ v`` (bf16 operands, fp32 accumulate);
+  * one split: the sink and FlashMLA's empty-row rule are applied in the kernel, which
+    writes bf16; several splits: fp32 partials merged by ``combine.combine_splits``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import combine
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _tiles, combine
 from pallas_kernels.fp8_cache import KCache, as_kcache, host_value, require
 
 IMPLS = ("xla", "pallas")
@@ -172,9 +188,135 @@ def sparse_decode_reference(q, k_cache, indices, *, head_dim_v, softmax_scale=No
   return _reference_core(**args, head_dim_v=head_dim_v)
 
 
+# ----------------------------------------------------------------------------- Pallas kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseDecodeTuning:
+  """Static kernel knobs (hashable: part of the jit cache key).
+
+  block_h: query heads per program (power of two >= 16; None = min(64, h_q) rounded up).
+  block_k: top-k entries per loop step (FlashMLA's sparse kernels use 64).
+  num_splits: split-KV factor over the (main + extra) top-k blocks; None = enough
+    programs for ~1 wave of ``num_sms`` SMs (2 in interpret mode).
+  """
+  block_h: int | None = None
+  block_k: int = 64
+  num_splits: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+  num_sms: int = 132
+
+
+def _sparse_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref, *rest,
+                   layout, has_scales, has_extra, s_q, block_h, block_k, num_splits, final):
+  n_cache = 3 if has_scales else 2
+  main = _tiles.KeyRefs(nope_ref, rope_ref, rest[0] if has_scales else None)
+  rest = rest[n_cache - 2:]
+  if has_extra:
+    elen_ref, eidx_ref = rest[0], rest[1]
+    extra = _tiles.KeyRefs(rest[2], rest[3], rest[4] if has_scales else None)
+  o_ref, lse_ref = rest[-2:]
+  i, split = pl.program_id(0), pl.program_id(1)
+  b = i // s_q
+  scale = scale_ref[0]
+  q_tiles = _tiles.load_q(layout, q_ref)
+
+  def chunk_step(refs, ind_ref, length, c, state):
+    x_X = c * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    idx_X = ind_ref[i, pl.ds(c * block_k, block_k)]
+    num_rows = refs.nope.shape[0]
+    valid_X = (idx_X >= 0) & (idx_X < num_rows) & (x_X < length)
+    k_tiles = _tiles.load_keys(layout, refs, jnp.where(valid_X, idx_X, 0), valid_X)
+    return _tiles.softmax_step(layout, state, q_tiles, k_tiles, valid_X[None, :], scale)
+
+  # Split s takes an equal run of the concatenated chunk list: main chunks, then extra ones.
+  length = len_ref[b]
+  n_main = (length + block_k - 1) // block_k
+  n_total = n_main
+  if has_extra:
+    elength = elen_ref[b]
+    n_total = n_main + (elength + block_k - 1) // block_k
+  c0, c1 = _tiles.split_range(n_total, split, num_splits)
+  state = _tiles.init_state(layout, block_h)
+  state = jax.lax.fori_loop(c0, jnp.minimum(c1, n_main),
+                            functools.partial(chunk_step, main, idx_ref, length), state)
+  if has_extra:
+    state = jax.lax.fori_loop(jnp.maximum(c0 - n_main, 0), jnp.maximum(c1 - n_main, 0),
+                              functools.partial(chunk_step, extra, eidx_ref, elength), state)
+  tiles, lse_M = _tiles.epilogue(state, sink_ref[...], final)
+  _tiles.store_value_tiles(layout, o_ref, tiles)
+  lse_ref[...] = lse_M
+
+
+def _pad_last(x, multiple: int, value):
+  pad = -x.shape[-1] % multiple
+  return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=value)
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "tuning", "interpret"))
+def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache,
+                 extra_indices, extra_topk_length, *, head_dim_v, tuning, interpret):
+  b, s_q, h_q, d = q.shape
+  layout = _tiles.key_layout(cache.fmt, d, head_dim_v)
+  block_h = tuning.block_h or min(64, _tiles.pow2_at_least(h_q))
+  _tiles.check_pow2("block_h", block_h)
+  _tiles.check_pow2("block_k", tuning.block_k)
+  n_hb = -(-h_q // block_h)
+  h_pad = n_hb * block_h - h_q
+  q_RNH = jnp.pad(q.reshape(b * s_q, h_q, d), ((0, 0), (0, h_pad), (0, 0)))
+  sink_N = jnp.pad(attn_sink, (0, h_pad), constant_values=-jnp.inf)
+  # Index lists padded to whole blocks with -1 (a copy of the indices only, tiny).
+  idx_RX = _pad_last(indices.reshape(b * s_q, -1), tuning.block_k, -1)
+  has_extra = extra_cache is not None
+  n_chunks = idx_RX.shape[-1] // tuning.block_k
+  operands = [topk_length, softmax_scale.reshape(1), q_RNH, sink_N, idx_RX,
+              *[a for a in _tiles.flat_key_arrays(cache) if a is not None]]
+  if has_extra:
+    eidx_RX = _pad_last(extra_indices.reshape(b * s_q, -1), tuning.block_k, -1)
+    n_chunks += eidx_RX.shape[-1] // tuning.block_k
+    operands += [extra_topk_length, eidx_RX,
+                 *[a for a in _tiles.flat_key_arrays(extra_cache) if a is not None]]
+  if tuning.num_splits is None:
+    sms = 2 if interpret else tuning.num_sms
+    splits = max(1, min(-(-sms // (b * s_q * n_hb)), n_chunks, 64))
+  else:
+    require(isinstance(tuning.num_splits, int) and tuning.num_splits >= 1,
+            f"num_splits={tuning.num_splits!r}: expected an int >= 1")
+    splits = tuning.num_splits
+  final = splits == 1
+  kernel = functools.partial(
+      _sparse_kernel, layout=layout, has_scales=cache.scales is not None, has_extra=has_extra,
+      s_q=s_q, block_h=block_h, block_k=tuning.block_k, num_splits=splits, final=final)
+  whole = pl.no_block_spec
+  in_specs = [whole, whole, pl.BlockSpec((None, block_h, d), lambda i, s, j: (i, j, 0)),
+              pl.BlockSpec((block_h,), lambda i, s, j: (j,))] + [whole] * (len(operands) - 4)
+  rows = b * s_q
+  if final:
+    out_shape = (jax.ShapeDtypeStruct((rows, n_hb * block_h, head_dim_v), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((rows, n_hb * block_h), jnp.float32))
+    out_specs = (pl.BlockSpec((None, block_h, head_dim_v), lambda i, s, j: (i, j, 0)),
+                 pl.BlockSpec((None, block_h), lambda i, s, j: (i, j)))
+  else:
+    out_shape = (jax.ShapeDtypeStruct((splits, rows, n_hb * block_h, head_dim_v), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, rows, n_hb * block_h), jnp.float32))
+    out_specs = (pl.BlockSpec((None, None, block_h, head_dim_v), lambda i, s, j: (s, i, j, 0)),
+                 pl.BlockSpec((None, None, block_h), lambda i, s, j: (s, i, j)))
+  out, lse = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(rows, splits, n_hb), in_specs=in_specs,
+      out_specs=out_specs,
+      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages),
+      interpret=interpret, name="sparse_decode_mla")(*operands)
+  if not final:
+    out, lse = combine.combine_splits(out, lse, attn_sink_N=sink_N, out_dtype=jnp.bfloat16)
+  out = out[:, :h_q].reshape(b, s_q, h_q, head_dim_v)
+  lse = lse[:, :h_q].reshape(b, s_q, h_q)
+  return out, jnp.transpose(lse, (0, 2, 1))
+
+
 def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_sink=None,
                   topk_length=None, extra_k_cache=None, extra_indices_in_kvcache=None,
-                  extra_topk_length=None, impl="xla"):
+                  extra_topk_length=None, impl="xla", tuning=None, interpret=None):
   """Sparse decode attention (FlashMLA ``flash_mla_with_kvcache`` with ``indices``).
 
   Args:
@@ -188,7 +330,10 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
     topk_length: optional int32 ``[b]``: only the first topk_length[b] indices count.
     extra_k_cache, extra_indices_in_kvcache, extra_topk_length: a second cache (same
       format, own block size) whose selected tokens join the same softmax.
-    impl: "xla" (the reference) or "pallas" (kernels; not implemented yet).
+    impl: "xla" (the reference) or "pallas" (the Triton kernel; interpret mode on CPU).
+      The kernel needs head_dim_v = d_qk - 64 or d_qk (whole key tiles).
+    tuning: ``SparseDecodeTuning`` for impl="pallas" (default: its defaults).
+    interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (natural log, sink
     excluded, +inf for a row with no valid token).
@@ -199,7 +344,7 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
       attn_sink=attn_sink, topk_length=topk_length, extra_k_cache=extra_k_cache,
       extra_indices_in_kvcache=extra_indices_in_kvcache, extra_topk_length=extra_topk_length)
   if impl == "pallas":
-    raise NotImplementedError(
-        "sparse_decode(impl='pallas'): the Pallas sparse-decode kernel is not written yet; "
-        "use impl='xla' (the jnp reference) for now")
+    _tiles.key_layout(args["cache"].fmt, q.shape[-1], head_dim_v)   # ValueError if untileable
+    return _pallas_core(**args, head_dim_v=head_dim_v, tuning=tuning or SparseDecodeTuning(),
+                        interpret=_tiles.default_interpret(interpret))
   return _reference_core(**args, head_dim_v=head_dim_v)

@@ -17,15 +17,26 @@ Shapes (letter key: T query positions, N query heads, S key positions, X top-k, 
 dim, V value dim): q ``[T, N, H]`` bf16; kv ``[S, 1, H]`` bf16 (one KV head); indices
 ``[T, 1, X]`` int32; attn_sink ``[N]`` fp32; topk_length ``[T]`` int32.
 Returns out ``[T, N, V]`` bf16, max_logits ``[T, N]`` fp32, lse ``[T, N]`` fp32.
+
+The kernel (FlashMLA's ``sm90/prefill/sparse``, in Triton): grid ``(s_q, h_q / block_h)``;
+a program holds one query position's ``block_h`` heads (64 by default, padded to >= 16),
+walks its index list in ``block_k`` blocks up to ``topk_length`` (fori_loop), gathers the
+selected rows of kv as the same 512/64 or 7x64/64 column tiles as the decoders (``_tiles``;
+kv is bf16, so no dequantisation), and runs the online softmax with bf16 operands and fp32
+accumulation.  max_logits is the running max; the sink and the empty-row rule are applied
+in the kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import combine
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _tiles, combine
 from pallas_kernels.fp8_cache import require
 
 IMPLS = ("xla", "pallas")
@@ -90,8 +101,83 @@ def sparse_prefill_reference(q, kv, indices, *, sm_scale, d_v=512, attn_sink=Non
   return _reference_core(**args, d_v=d_v)
 
 
+# ----------------------------------------------------------------------------- Pallas kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePrefillTuning:
+  """Static kernel knobs (hashable: part of the jit cache key).
+
+  block_h: query heads per program (power of two >= 16; None = min(64, h_q) rounded up).
+  block_k: index-list entries per loop step.  No split-KV: prefill has s_q x h_q / block_h
+  programs, plenty to fill the GPU (FlashMLA's prefill kernel does not split either).
+  """
+  block_h: int | None = None
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _prefill_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_nope_ref, kv_rope_ref,
+                    o_ref, max_ref, lse_ref, *, layout, block_h, block_k):
+  t = pl.program_id(0)
+  refs = _tiles.KeyRefs(kv_nope_ref, kv_rope_ref, None)
+  s_kv = kv_nope_ref.shape[0]
+  length = len_ref[t]
+  scale = scale_ref[0]
+  q_tiles = _tiles.load_q(layout, q_ref)
+
+  def body(c, state):
+    x_X = c * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    idx_X = idx_ref[t, pl.ds(c * block_k, block_k)]
+    valid_X = (idx_X >= 0) & (idx_X < s_kv) & (x_X < length)
+    k_tiles = _tiles.load_keys(layout, refs, jnp.where(valid_X, idx_X, 0), valid_X)
+    return _tiles.softmax_step(layout, state, q_tiles, k_tiles, valid_X[None, :], scale)
+
+  n_chunks = jnp.minimum((length + block_k - 1) // block_k, idx_ref.shape[1] // block_k)
+  state = jax.lax.fori_loop(0, n_chunks, body, _tiles.init_state(layout, block_h))
+  tiles, lse_M = _tiles.epilogue(state, sink_ref[...], final=True)
+  _tiles.store_value_tiles(layout, o_ref, tiles)
+  max_ref[...] = state.m_M                              # -inf when nothing was valid
+  lse_ref[...] = lse_M
+
+
+@functools.partial(jax.jit, static_argnames=("d_v", "tuning", "interpret"))
+def _pallas_core(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, tuning, interpret):
+  s_q, h_q, d = q.shape
+  # One bf16 array holds the whole key: passed twice, the RoPE tile read at column d - 64.
+  layout = _tiles.key_layout("bf16", d, d_v, rope_col=d - _tiles.D_ROPE)
+  block_h = tuning.block_h or min(64, _tiles.pow2_at_least(h_q))
+  _tiles.check_pow2("block_h", block_h)
+  _tiles.check_pow2("block_k", tuning.block_k)
+  n_hb = -(-h_q // block_h)
+  h_pad = n_hb * block_h - h_q
+  q_TNH = jnp.pad(q, ((0, 0), (0, h_pad), (0, 0)))
+  sink_N = jnp.pad(attn_sink, (0, h_pad), constant_values=-jnp.inf)
+  idx_TX = indices[:, 0, :]
+  idx_TX = jnp.pad(idx_TX, ((0, 0), (0, -idx_TX.shape[1] % tuning.block_k)), constant_values=-1)
+  kv_SH = kv.reshape(kv.shape[0], d)
+  h_all = n_hb * block_h
+  whole = pl.no_block_spec
+  out, max_logits, lse = pl.pallas_call(
+      functools.partial(_prefill_kernel, layout=layout, block_h=block_h, block_k=tuning.block_k),
+      out_shape=(jax.ShapeDtypeStruct((s_q, h_all, d_v), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((s_q, h_all), jnp.float32),
+                 jax.ShapeDtypeStruct((s_q, h_all), jnp.float32)),
+      grid=(s_q, n_hb),
+      in_specs=[whole, whole, pl.BlockSpec((None, block_h, d), lambda t, j: (t, j, 0)),
+                pl.BlockSpec((block_h,), lambda t, j: (j,)), whole, whole, whole],
+      out_specs=(pl.BlockSpec((None, block_h, d_v), lambda t, j: (t, j, 0)),
+                 pl.BlockSpec((None, block_h), lambda t, j: (t, j)),
+                 pl.BlockSpec((None, block_h), lambda t, j: (t, j))),
+      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages),
+      interpret=interpret, name="sparse_prefill_mla",
+  )(topk_length, sm_scale.reshape(1), q_TNH, sink_N, idx_TX, kv_SH, kv_SH)
+  return out[:, :h_q], max_logits[:, :h_q], lse[:, :h_q]
+
+
 def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_length=None,
-                   impl="xla"):
+                   impl="xla", tuning=None, interpret=None):
   """Sparse prefill attention (FlashMLA ``flash_mla_sparse_fwd``).
 
   Args:
@@ -101,7 +187,10 @@ def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_le
     d_v: value dims (the first d_v of the key).
     attn_sink: optional fp32 ``[h_q]``: out *= 1/(1+exp(sink-lse)); lse/max_logits unchanged.
     topk_length: optional int32 ``[s_q]``: query t uses indices[t, 0, :topk_length[t]].
-    impl: "xla" (the reference) or "pallas" (kernels; not implemented yet).
+    impl: "xla" (the reference) or "pallas" (the Triton kernel; interpret mode on CPU).
+      The kernel needs d_qk 576 or 512 and d_v = d_qk - 64 or d_qk (whole key tiles).
+    tuning: ``SparsePrefillTuning`` for impl="pallas" (default: its defaults).
+    interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[s_q, h_q, d_v]``, max_logits fp32 ``[s_q, h_q]`` (-inf if no valid index),
     lse fp32 ``[s_q, h_q]`` (+inf if no valid index), both of the scaled logits, natural log.
@@ -110,7 +199,7 @@ def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_le
   args = validate_sparse_prefill_args(q, kv, indices, sm_scale=sm_scale, d_v=d_v,
                                       attn_sink=attn_sink, topk_length=topk_length)
   if impl == "pallas":
-    raise NotImplementedError(
-        "sparse_prefill(impl='pallas'): the Pallas sparse-prefill kernel is not written yet; "
-        "use impl='xla' (the jnp reference) for now")
+    _tiles.key_layout("bf16", q.shape[-1], d_v)                   # ValueError if untileable
+    return _pallas_core(**args, d_v=d_v, tuning=tuning or SparsePrefillTuning(),
+                        interpret=_tiles.default_interpret(interpret))
   return _reference_core(**args, d_v=d_v)

@@ -20,7 +20,8 @@ def _ref_v4(h, fn, base, scale, c, iters, eps, norm_eps):
   h = np.asarray(h, np.float64)
   b, t = h.shape[:2]
   x = h.reshape(b, t, -1)
-  mixes = x @ np.asarray(fn, np.float64).T / np.sqrt((x * x).mean(-1, keepdims=True) + norm_eps)
+  rms = np.sqrt((x * x).mean(-1, keepdims=True) + norm_eps)
+  mixes = x @ np.asarray(fn, np.float64).T / rms
   base, scale = np.asarray(base, np.float64), np.asarray(scale, np.float64)
   sig = lambda z: 1 / (1 + np.exp(-z))
   pre = sig(mixes[..., :c] * scale[0] + base[:c]) + eps
@@ -62,7 +63,7 @@ def test_sinkhorn_doubly_stochastic():
 def test_site_mixing_doubly_stochastic_and_ranges():
   cfg, site = _random_site(4, scale=0.5)
   h = jax.random.normal(jax.random.key(3), (B, T, 4, D))
-  pre, post, comb = site.mixing(h)
+  pre, post, comb = nnx.jit(lambda s, h: s.mixing(h))(site, h)
   np.testing.assert_allclose(comb.sum(-1), 1.0, atol=1e-5)  # as in the Sinkhorn test
   np.testing.assert_allclose(comb.sum(-2), 1.0, atol=1e-5)
   assert float(pre.min()) > 0 and float(pre.max()) <= 1 + 2e-6
@@ -73,7 +74,7 @@ def test_matches_v4_reference():
   c = 4
   cfg, site = _random_site(c, scale=0.7)
   h = jax.random.normal(jax.random.key(4), (B, T, c, D))
-  x, post, comb = site.pre(h)
+  x, post, comb = nnx.jit(lambda s, h: s.pre(h))(site, h)
   ry, rpost, rcomb = _ref_v4(h, site.fn[...], site.base[...], site.scale[...], c,
                              cfg.sinkhorn_iters, cfg.eps, cfg.norm_eps)
   tol = dict(rtol=1e-5, atol=1e-5)  # fp32 vs float64 through 20 Sinkhorn rounds
@@ -94,8 +95,8 @@ def test_head_matches_formula():
   h = jax.random.normal(jax.random.key(6), (B, T, c, D))
   hn = np.asarray(h, np.float64)
   x = hn.reshape(B, T, -1)
-  mixes = x @ np.asarray(head.fn[...], np.float64).T / np.sqrt((x * x).mean(-1, keepdims=True)
-                                                               + 1e-6)
+  rms = np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+  mixes = x @ np.asarray(head.fn[...], np.float64).T / rms
   pre = 1 / (1 + np.exp(-(mixes + np.asarray(head.base[...])))) + 1e-6
   np.testing.assert_allclose(head(h), (pre[..., None] * hn).sum(2), rtol=1e-5, atol=1e-5)
   # fp32 vs float64 of a C·D-long dot product
@@ -135,7 +136,7 @@ def test_gradients_reach_every_stream_and_parameter():
     out, _ = site(h, lambda x: jnp.tanh(_rms_norm(x) @ w))
     return jnp.sum(head(out) ** 2)
 
-  g_site, g_head, g_h = nnx.grad(loss, argnums=(0, 1, 2))(site, head, h)
+  g_site, g_head, g_h = nnx.jit(nnx.grad(loss, argnums=(0, 1, 2)))(site, head, h)
   per_stream = jnp.abs(g_h).sum(axis=(0, 1, 3))
   assert per_stream.shape == (c,) and bool(jnp.all(per_stream > 1e-6)), per_stream
   for name in ("fn", "base", "scale"):
@@ -146,9 +147,12 @@ def test_gradients_reach_every_stream_and_parameter():
 def test_bf16_streams_keep_dtype():
   site = HyperConnection(MHCConfig(hc_mult=2), D, rngs=nnx.Rngs(0))
   h = jax.random.normal(jax.random.key(0), (B, T, 2, D)).astype(jnp.bfloat16)
-  x, post, comb = site.pre(h)
+  def run(site, h):
+    x, post, comb = site.pre(h)
+    return x, post, comb, site.post(x, h, post, comb)
+  x, post, comb, out = nnx.jit(run)(site, h)
   assert x.dtype == jnp.bfloat16 and post.dtype == jnp.float32 and comb.dtype == jnp.float32
-  assert site.post(x, h, post, comb).dtype == jnp.bfloat16
+  assert out.dtype == jnp.bfloat16
 
 
 def test_config_errors():

@@ -1,21 +1,16 @@
 """MoE: V4 routing and expert math against a per-token loop, dense equivalence, hash
 routing, dropless dispatch, bias balancing, sequence-wise loss, config errors, EP."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from model1 import sharding
 from model1.moe import (MoE, MoEConfig, SwiGLU, apply_bias_updates, make_tid2eid,
                         reset_moe_stats, update_bias)
 
 D, F, VOCAB = 16, 8, 50
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # one jitted forward shared by the tests (compiled once per module structure and shape)
@@ -41,7 +36,8 @@ def _reference(m: MoE, x, ids=None):
     if m.is_hash:
       idx = np.asarray(m.tid2eid[...])[np.asarray(ids).reshape(-1)[u]]
     else:
-      idx = np.argsort(-(s + np.asarray(m.bias[...])), kind="stable")[:cfg.n_activated_experts]
+      biased = s + np.asarray(m.bias[...])
+      idx = np.argsort(-biased, kind="stable")[:cfg.n_activated_experts]
     w = s[idx] / s[idx].sum() * cfg.route_scale
     for e, we in zip(idx, w):                 # exactly top-k contributions per token
       g, up = x[u] @ w1[e], x[u] @ w3[e]
@@ -56,18 +52,19 @@ def _reference(m: MoE, x, ids=None):
   return out
 
 
-@pytest.mark.parametrize("dispatch,block", [("blocked", 1), ("blocked", 3), ("blocked", 128),
+# block 3: several blocks per group plus padding; 128 (default): one padded block per group
+@pytest.mark.parametrize("dispatch,block", [("blocked", 3), ("blocked", 128),
                                             ("ragged_dot", 128)])
 def test_matches_per_token_loop(dispatch, block):
   cfg = MoEConfig(n_routed_experts=6, n_activated_experts=2, n_shared_experts=1,
                   moe_inter_dim=F, route_scale=1.5, dispatch=dispatch, block_size=block)
   m = MoE(cfg, D, layer_id=0, rngs=nnx.Rngs(0))
-  m.bias[...] = jnp.array([0.3, -0.2, 0.0, 0.1, -0.4, 0.2])   # bias must steer selection only
-  x = 3.0 * jax.random.normal(jax.random.key(1), (2, 7, D))    # large enough to hit the clamps
+  m.bias[...] = jnp.array([0.3, -0.2, 0.0, 0.1, -0.4, 0.2])   # steers selection only
+  x = 3.0 * jax.random.normal(jax.random.key(1), (2, 7, D))    # large: hits the clamps
   y, aux = _forward(m, x)
   tol = dict(rtol=2e-5, atol=2e-5)  # fp32 matmuls vs the float64 loop
   np.testing.assert_allclose(y.reshape(-1, D), _reference(m, x), **tol)
-  assert float(aux.load.sum()) == 2 * 7 * 2                   # every token: exactly top-k slots
+  assert float(aux.load.sum()) == 2 * 7 * 2                   # every token: top-k slots
   # worst case for a dropless dispatch: every token picks expert 0 (one full group)
   m.bias[...] = jnp.array([100.0, 0, 0, 0, 0, 0])
   y, aux = _forward(m, x)
@@ -110,7 +107,7 @@ def test_hash_routing_is_a_fixed_table():
   x = jax.random.normal(jax.random.key(3), (1, 4, D))
   y, aux = _forward(m, x, ids)
   np.testing.assert_allclose(y.reshape(-1, D), _reference(m, x, ids), rtol=2e-5, atol=2e-5)
-  assert float(aux.seq_aux_loss) == 0.0                        # routing fixed: no balance loss
+  assert float(aux.seq_aux_loss) == 0.0                        # fixed routing: no loss
   with pytest.raises(ValueError, match="token_ids=None"):
     m(x)
 
@@ -147,7 +144,7 @@ def test_module_bias_update_api():
   model = nnx.List([hashed, m])
   x = jax.random.normal(jax.random.key(1), (2, 8, D))
   ids = jnp.zeros((2, 8), jnp.int32)
-  for _ in range(2):                                            # two micro-batches accumulate
+  for _ in range(2):                                        # two micro-batches accumulate
     _, aux = _forward(m, x)
     _forward(hashed, x, ids)
   load = m.load[...]
@@ -157,7 +154,8 @@ def test_module_bias_update_api():
   bias = np.asarray(m.bias[...])
   np.testing.assert_allclose(bias, 0.01 * np.sign(np.mean(load) - np.asarray(load)))
   assert bias[2] < 0
-  assert float(jnp.abs(m.load[...]).sum()) == 0 and float(jnp.abs(hashed.load[...]).sum()) == 0
+  assert float(jnp.abs(m.load[...]).sum()) == 0
+  assert float(jnp.abs(hashed.load[...]).sum()) == 0
   _forward(m, x)
   reset_moe_stats(model)
   assert float(jnp.abs(m.load[...]).sum()) == 0
@@ -172,7 +170,8 @@ def test_seq_aux_loss_formula_and_gradient():
   mask = jnp.ones((b, t)).at[1, 4:].set(0)                     # padding in row 1
   y, aux = nnx.jit(lambda m, x, mk: m(x, None, mk))(m, x, mask)
   s, idx, _ = m.route(x.reshape(-1, D))
-  s, idx, mk = np.asarray(s).reshape(b, t, e), np.asarray(idx).reshape(b, t, k), np.asarray(mask)
+  s, idx = np.asarray(s).reshape(b, t, e), np.asarray(idx).reshape(b, t, k)
+  mk = np.asarray(mask)
   ref = 0.0
   for r in range(b):
     n = mk[r].sum()
@@ -198,51 +197,38 @@ def test_config_errors():
   cfg = MoEConfig(n_routed_experts=6, n_hash_layers=3)
   with pytest.raises(ValueError, match=r"n_hash_layers=3.*MoE layers \(2\)"):
     cfg.validate(n_moe_layers=2)
-  with pytest.raises(ValueError, match=r"n_routed_experts=6.*'expert' mesh axis size \(4\)"):
+  with pytest.raises(ValueError, match=r"n_routed_experts=6.*'expert' mesh axis .*\(4\)"):
     cfg.validate(n_moe_layers=4, expert_axis_size=4)
   cfg.validate(n_moe_layers=4, expert_axis_size=3)
   with pytest.raises(ValueError, match=r"vocab_size=None.*layer_id=0"):
     MoE(cfg, D, layer_id=0, rngs=nnx.Rngs(0))
 
 
-_EP_SCRIPT = textwrap.dedent("""
-    import jax
-    jax.config.update("jax_num_cpu_devices", 8)
-    import jax.numpy as jnp, numpy as np
-    from flax import nnx
-    from model1 import sharding
-    from model1.moe import MoE, MoEConfig
-    x = jax.random.normal(jax.random.key(1), (8, 3, 16))
-    mesh = sharding.make_mesh(data=2, fsdp=1, expert=4)
-    for dispatch in ("blocked", "ragged_dot"):
-      cfg = MoEConfig(n_routed_experts=8, n_activated_experts=2, moe_inter_dim=8,
-                      dispatch=dispatch, block_size=4)
-      build = lambda: MoE(cfg, 16, 1, rngs=nnx.Rngs(0))
-      def loss(m, x):
-        y, aux = m(x)
-        return jnp.sum(y * y) + aux.seq_aux_loss, y
-      # gradients through the shard_map for one dispatch; forward for the other (runtime)
-      grads = dispatch == "blocked"
-      step = nnx.jit(nnx.value_and_grad(loss, has_aux=True) if grads else loss)
-      out0 = step(build(), x)
-      m = sharding.create_sharded(build, mesh)
-      assert m.experts.w1[...].sharding.spec[0] == "expert"
-      with sharding.use_mesh(mesh):
-        out = step(m, jax.device_put(x, sharding.batch_sharding(mesh, x.shape)))
-      (_, y0), (_, y) = (out0[0], out[0]) if grads else (out0, out)
-      np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)   # psum order vs one device
-      if grads:
-        g, g0 = out[1], out0[1]
-        np.testing.assert_allclose(g.experts.w2[...], g0.experts.w2[...], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(g.gate[...], g0.gate[...], rtol=1e-4, atol=1e-4)
-    print("EP_OK")
-""")
-
-
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices, conftest")
 def test_expert_parallel_matches_single_device():
-  # 8 host devices need a fresh process (the device count is fixed at jax start-up)
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", _EP_SCRIPT], capture_output=True, text=True,
-                     env=env, timeout=300)
-  assert "EP_OK" in r.stdout, r.stderr[-3000:]
+  x = jax.random.normal(jax.random.key(1), (8, 3, D))
+  mesh = sharding.make_mesh(data=2, fsdp=1, expert=4)
+  for dispatch in ("blocked", "ragged_dot"):
+    cfg = MoEConfig(n_routed_experts=8, n_activated_experts=2, moe_inter_dim=F,
+                    dispatch=dispatch, block_size=4)
+    build = lambda: MoE(cfg, D, layer_id=1, rngs=nnx.Rngs(0))
+
+    def loss(m, x):
+      y, aux = m(x)
+      return jnp.sum(y * y) + aux.seq_aux_loss, y
+
+    # gradients through the shard_map for one dispatch, forward for the other (runtime)
+    grads = dispatch == "blocked"
+    step = nnx.jit(nnx.value_and_grad(loss, has_aux=True) if grads else loss)
+    out0 = step(build(), x)
+    m = sharding.create_sharded(build, mesh)
+    assert m.experts.w1[...].sharding.spec[0] == "expert"
+    with sharding.use_mesh(mesh):
+      out = step(m, jax.device_put(x, sharding.batch_sharding(mesh, x.shape)))
+    (_, y0), (_, y) = (out0[0], out[0]) if grads else (out0, out)
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)   # psum order vs one device
+    if grads:
+      g, g0 = out[1], out0[1]
+      for a, b in ((g.experts.w2, g0.experts.w2), (g.gate, g0.gate)):
+        np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-4)  # same, summed
+        # in another order

@@ -22,7 +22,8 @@ class Toy(nnx.Module):
     self.embed = nnx.Embed(V, D, rngs=rngs)                  # path embed/embedding
     self.attn_norm = nnx.RMSNorm(D, rngs=rngs)               # 1-D scale
     self.wq = nnx.Linear(D, D, rngs=rngs)                    # kernel 2-D, bias 1-D
-    self.wo_a = p((2, D, 4), (None, "embed", None))          # grouped output: 3-D
+    self.wq_b = p((D, 2, 4), ("embed", "heads", "head_dim"))  # Dense [in, *out]: 3-D
+    self.wo_a = p((2, D, 4), ("o_groups", "embed", None))    # grouped output: 3-D
     self.gate = p((D, E), ("embed", None))                   # MoE router
     self.experts = nnx.Dict(w1=p((E, D, F), ("exp", "embed", "mlp")),
                             w2=p((E, F, D), ("exp", "mlp", "embed")))
@@ -34,6 +35,7 @@ class Toy(nnx.Module):
   def __call__(self, ids):
     x = self.attn_norm(self.embed(ids))
     x = self.wq(x) + jnp.einsum("td,gdr->tr", x, self.wo_a[...]).sum(-1, keepdims=True)
+    x = x + jnp.einsum("td,dnh->t", x, self.wq_b[...])[:, None]
     r = jax.nn.softmax(x @ self.gate[...])
     x = x + jnp.einsum("te,tf,efd->td", r, jax.nn.silu(
         jnp.einsum("td,edf->tf", x, self.experts["w1"][...])), self.experts["w2"][...])
@@ -44,7 +46,7 @@ class Toy(nnx.Module):
     return x @ self.head[...]
 
 
-MUON = {"wq/kernel", "wo_a", "experts/w1", "experts/w2", "hc_attn/fn", "hc_head/fn"}
+MUON = {"wq/kernel", "wq_b", "wo_a", "experts/w1", "experts/w2", "hc_attn/fn", "hc_head/fn"}
 
 
 def _flat(tree):
@@ -68,13 +70,18 @@ def test_muon_mask_takes_exactly_the_weight_matrices():
   assert pure == mask
 
 
-def test_vocab_axis_under_a_muon_name_is_refused():
-  class Bad(nnx.Module):
-    def __init__(self, rngs):
-      self.lm_out = sharding.param(jax.nn.initializers.zeros, rngs.params(), (D, V),
-                                   ("embed", "vocab"))
+def test_names_that_disagree_with_logical_axes_are_refused():
+  # the update pass only sees names, so init refuses metadata the names would misread
+  def bad(name, shape, axes):
+    class Bad(nnx.Module):
+      def __init__(self, rngs):
+        setattr(self, name, sharding.param(jax.nn.initializers.zeros, rngs.params(),
+                                           shape, axes))
+    return nnx.state(Bad(nnx.Rngs(0)), nnx.Param)
   with pytest.raises(ValueError, match=r"lm_out.*'vocab'.*adamw_names"):
-    muon_mask(nnx.state(Bad(nnx.Rngs(0)), nnx.Param))
+    muon_mask(bad("lm_out", (D, V), ("embed", "vocab")))
+  with pytest.raises(ValueError, match=r"w_stack.*'exp'.*experts"):
+    muon_mask(bad("w_stack", (E, D, F), ("exp", "embed", "mlp")))
 
 
 def _loss(model, ids):
@@ -139,9 +146,9 @@ def test_first_step_updates_are_adam_signs_and_muon_orthogonal():
   cfg = OptimConfig(lr=1e-3, muon_lr=1e-2, warmup_steps=1, total_steps=10, clip=0,
                     weight_decay=0.0, muon=True)
   shapes = {"embed": (V, D), "attn_norm": (D,), "wq": (D, 2 * D), "gate": (D, E),
-            "experts": {"w1": (E, D, F)}}
+            "experts": {"w1": (E, D, F)}, "wq_b": (D, 2, 4)}
   keys = iter(jax.random.split(jax.random.key(0), 8))
-  params = jax.tree.map(lambda s: jnp.zeros(s), shapes, is_leaf=lambda x: isinstance(x, tuple))
+  params = jax.tree.map(jnp.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
   grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
   tx = make_optimizer(cfg)
   upd, _ = tx.update(grads, tx.init(params), params)
@@ -153,6 +160,9 @@ def test_first_step_updates_are_adam_signs_and_muon_orthogonal():
   # Newton–Schulz (5 steps, Jordan's coefficients) maps singular values into ~[0.6, 1.2];
   # shape scaling sqrt(max(1, fan_out/fan_in)) = sqrt(2) for wq [8, 16]
   sv = np.linalg.svd(np.asarray(upd["wq"]) / (-mlr * np.sqrt(2)), compute_uv=False)
+  assert 0.5 < sv.min() and sv.max() < 1.3, sv
+  # Dense [in, *out]: wq_b [8, 2, 4] is one [8, 8] matrix (scale 1)
+  sv = np.linalg.svd(np.asarray(upd["wq_b"]).reshape(D, 8) / -mlr, compute_uv=False)
   assert 0.5 < sv.min() and sv.max() < 1.3, sv
   for e in range(E):                             # each expert orthogonalised on its own
     sv = np.linalg.svd(np.asarray(upd["experts"]["w1"][e]) / (-mlr * np.sqrt(F / D)),

@@ -1,0 +1,217 @@
+"""In-kernel building blocks shared by the three Triton kernels: key tiling, FP8
+dequantisation per scale tile, the online softmax step and the epilogue.
+
+Why tiles: Triton needs power-of-two block shapes, and the cached vector is 576 (V32) or
+512 (MODEL1) wide with its FP8 scales per 128 (V32) or 64 (MODEL1) elements.  So a key is
+read as a few column tiles, each exactly one scale tile of the NoPE part, plus one 64-wide
+RoPE tile (DESIGN §5):
+
+  v32 / bf16-576:     4 x 128 NoPE (fp32 scale each)  + 64 RoPE   (value: the 4 NoPE tiles)
+  model1 / bf16-512:  7 x 64 NoPE (ue8m0 scale each)  + 64 RoPE   (value: all 8 tiles)
+
+Each tile is gathered for a block of X keys (one row per key, any rows: paged, top-k, or
+contiguous), dequantised *in registers* into a bf16 ``[X, w]`` operand, and used twice:
+``q_tile @ k_tile.T`` (logits, fp32 accumulate, summed over tiles) and ``p @ v_tile``
+(one fp32 accumulator per value tile).  Nothing dequantised is ever written to memory.
+This is FlashMLA's scheme (its FP8 sparse kernels dequantise a 64-key block into shared
+memory, then run bf16 MMAs); Triton decides where the bf16 tile lives.
+
+Invalid keys (index -1, past a length, past the sequence) are loaded with a mask (no
+memory traffic on GPU) and then zeroed with a select on the dequantised tile, so their
+bytes (even NaN) never reach a dot product; their logits are set to -inf by another
+select.  0 * NaN would be NaN, which is why a zero probability alone is not enough.
+
+Everything here is plain jax.numpy on Pallas refs: it runs in interpret mode on CPU and
+lowers to Triton.  Letter key: M query rows of a program, X keys of a block, W tile width.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.fp8_cache import D_ROPE, e8m0_to_f32, require
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """One column tile of the key: ``width`` columns of ref ``src`` (0 nope, 1 rope) from
+  ``col``; ``scale_col`` = its scale column (FP8) or None; ``q_col`` = its offset in the
+  d_qk-wide query/key; ``value`` = it is part of the first d_v dims (the value)."""
+  src: int
+  col: int
+  width: int
+  scale_col: int | None
+  q_col: int
+  value: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+  fmt: str                        # "v32" | "model1" | "bf16"
+  d_qk: int
+  d_v: int
+  tiles: tuple[Tile, ...]
+
+  @property
+  def value_tiles(self) -> tuple[Tile, ...]:
+    return tuple(t for t in self.tiles if t.value)
+
+
+def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0) -> KeyLayout:
+  """Tiling of a ``d_qk``-wide key whose first ``d_v`` dims are the value.
+
+  ``rope_col``: column of the RoPE part inside the rope ref (0 for a KCache, whose rope is
+  its own array; d_qk - 64 when one bf16 array holds the whole key and is passed twice).
+  """
+  require(d_qk in (576, 512), f"d_qk={d_qk}: the kernels support 576 (v32) or 512 (model1)")
+  d_nope = d_qk - D_ROPE
+  width = 128 if d_qk == 576 else 64                   # = the FP8 scale tile of the geometry
+  require(d_v in (d_nope, d_qk),
+          f"head_dim_v={d_v}: the Pallas kernels need the value to be whole tiles, "
+          f"d_v = {d_nope} (NoPE part) or {d_qk} (whole key)")
+  scaled = fmt != "bf16"
+  tiles = [Tile(0, i * width, width, i if scaled else None, i * width, i * width < d_v)
+           for i in range(d_nope // width)]
+  tiles.append(Tile(1, rope_col, D_ROPE, None, d_nope, d_v == d_qk))
+  return KeyLayout(fmt, d_qk, d_v, tuple(tiles))
+
+
+class KeyRefs(NamedTuple):
+  """Refs of one cache as the kernel sees it, every array flattened to ``[rows, C]``."""
+  nope: Any
+  rope: Any
+  scales: Any                     # None for bf16
+
+
+def flat_key_arrays(cache) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """KCache -> (nope ``[Z*Y, P]``, rope ``[Z*Y, 64]``, scales ``[Z*Y, S]`` or None).
+
+  Row-major reshapes that merge leading dims: XLA emits bitcasts, not copies."""
+  flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
+  return flat(cache.nope), flat(cache.rope), flat(cache.scales)
+
+
+def dequant(codes_XW: jax.Array, scale_X: jax.Array, fmt: str) -> jax.Array:
+  """One scale tile of keys -> bf16: v32 bf16(fp32(q)*s); model1 bf16(bf16(q)*bf16(s))."""
+  if fmt == "v32":
+    return (codes_XW.astype(jnp.float32) * scale_X[:, None]).astype(jnp.bfloat16)
+  s_X = e8m0_to_f32(scale_X).astype(jnp.bfloat16)      # 2^k: exact in bf16
+  return codes_XW.astype(jnp.bfloat16) * s_X[:, None]
+
+
+def load_keys(layout: KeyLayout, refs: KeyRefs, rows_X: jax.Array, valid_X: jax.Array):
+  """Gather and dequantise X keys -> list of bf16 ``[X, w]`` tiles, zero at invalid keys.
+
+  rows_X must already be in range (callers clamp invalid ones to 0): the loads are masked,
+  but interpret mode reads them, and the select below is what makes the zeros exact."""
+  tiles = []
+  for t in layout.tiles:
+    ref = refs.nope if t.src == 0 else refs.rope
+    cols_1W = jax.lax.broadcasted_iota(jnp.int32, (1, t.width), 1) + t.col
+    raw_XW = plgpu.load(ref.at[rows_X[:, None], cols_1W], mask=valid_X[:, None])
+    k_XW = raw_XW                                        # bf16 cache, or the RoPE tile
+    if t.scale_col is not None:
+      scale_X = plgpu.load(refs.scales.at[rows_X, t.scale_col], mask=valid_X)
+      k_XW = dequant(raw_XW, scale_X, layout.fmt)
+    tiles.append(jnp.where(valid_X[:, None], k_XW, jnp.zeros_like(k_XW)))
+  return tiles
+
+
+def load_q(layout: KeyLayout, q_ref) -> list[jax.Array]:
+  """The program's query block ``[M, d_qk]`` as bf16 tiles matching the key tiles."""
+  return [q_ref[:, pl.ds(t.q_col, t.width)] for t in layout.tiles]
+
+
+class SoftmaxState(NamedTuple):
+  m_M: jax.Array                  # running max of the scaled logits (-inf: nothing yet)
+  l_M: jax.Array                  # running sum of exp(logit - m), fp32
+  acc: tuple                      # per value tile: fp32 [M, w], sum of p * v (unnormalised)
+
+
+def init_state(layout: KeyLayout, m: int) -> SoftmaxState:
+  return SoftmaxState(jnp.full((m,), NEG_INF, jnp.float32), jnp.zeros((m,), jnp.float32),
+                      tuple(jnp.zeros((m, t.width), jnp.float32) for t in layout.value_tiles))
+
+
+def _dot_nt(a_MW, b_XW):
+  return jax.lax.dot_general(a_MW, b_XW, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def softmax_step(layout: KeyLayout, state: SoftmaxState, q_tiles, k_tiles,
+                 visible_MX: jax.Array, scale) -> SoftmaxState:
+  """One block of keys of the online softmax (flash attention's recurrence).
+
+  Logits are fp32 (bf16 x bf16 products, fp32 accumulation); P is rounded to bf16 before
+  the PV product, as in FlashMLA; the running sum l uses the fp32 P."""
+  s_MX = _dot_nt(q_tiles[0], k_tiles[0])
+  for q_t, k_t in zip(q_tiles[1:], k_tiles[1:]):
+    s_MX = s_MX + _dot_nt(q_t, k_t)
+  s_MX = jnp.where(visible_MX, s_MX * scale, NEG_INF)
+  m_new = jnp.maximum(state.m_M, jnp.max(s_MX, axis=1))
+  m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)       # empty so far: avoid -inf - -inf
+  alpha_M = jnp.exp(state.m_M - m_safe)                  # -inf -> 0
+  p_MX = jnp.exp(s_MX - m_safe[:, None])                 # masked -> exactly 0
+  l_M = state.l_M * alpha_M + jnp.sum(p_MX, axis=1)
+  p_MX = p_MX.astype(jnp.bfloat16)
+  vi = [i for i, t in enumerate(layout.tiles) if t.value]
+  acc = tuple(a * alpha_M[:, None] + jnp.dot(p_MX, k_tiles[i], preferred_element_type=jnp.float32)
+              for a, i in zip(state.acc, vi))
+  return SoftmaxState(m_new, l_M, acc)
+
+
+def epilogue(state: SoftmaxState, sink_M: jax.Array | None, final: bool):
+  """Normalise.  Returns (value tiles, lse [M]).
+
+  final=True (the whole key set was seen): apply the sink, out *= 1/(1+exp(sink-lse)),
+  and FlashMLA's empty-row rule (out 0, lse +inf).  final=False (a split-KV partial):
+  out = acc / l, lse = -inf for an empty part; ``combine.combine_splits`` merges them."""
+  live_M = state.l_M > 0
+  lse_M = jnp.where(live_M, state.m_M + jnp.log(jnp.where(live_M, state.l_M, 1.0)), NEG_INF)
+  factor_M = jnp.where(live_M, 1.0 / jnp.where(live_M, state.l_M, 1.0), 0.0)
+  if final:
+    if sink_M is not None:
+      sink_f = 1.0 / (1.0 + jnp.exp(sink_M - jnp.where(live_M, lse_M, 0.0)))
+      factor_M = jnp.where(live_M, factor_M * sink_f, 0.0)
+    lse_M = jnp.where(live_M, lse_M, float("inf"))
+  return [a * factor_M[:, None] for a in state.acc], lse_M
+
+
+def store_value_tiles(layout: KeyLayout, o_ref, tiles) -> None:
+  """Write value tiles into ``o_ref [M, d_v]`` column slices (value tiles are a prefix)."""
+  for t, v in zip(layout.value_tiles, tiles):
+    o_ref[:, pl.ds(t.q_col, t.width)] = v.astype(o_ref.dtype)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton backend, named explicitly (with no params pallas_call targets Mosaic GPU)."""
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def default_interpret(interpret: bool | None) -> bool:
+  """Interpret on CPU (no Triton there) unless told otherwise."""
+  return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
+def split_range(n_chunks, split, num_splits: int):
+  """Chunks [c0, c1) of split ``split`` when n_chunks are dealt out in equal runs."""
+  per = (n_chunks + num_splits - 1) // num_splits
+  c0 = jnp.minimum(split * per, n_chunks)
+  return c0, jnp.minimum(c0 + per, n_chunks)
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+  """Smallest power of two >= max(n, floor) (Triton dots need M, N, K >= 16)."""
+  return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def check_pow2(name: str, v: int, floor: int = 16) -> None:
+  require(isinstance(v, int) and v >= floor and (v & (v - 1)) == 0,
+          f"{name}={v!r}: expected a power of two >= {floor} (Triton block shapes)")
