@@ -74,8 +74,8 @@ def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0) -> KeyLayout:
   d_nope = d_qk - D_ROPE
   width = 128 if d_qk == 576 else 64                   # = the FP8 scale tile of the geometry
   require(d_v in (d_nope, d_qk),
-          f"head_dim_v={d_v}: the Pallas kernels need the value to be whole tiles, "
-          f"d_v = {d_nope} (NoPE part) or {d_qk} (whole key)")
+          f"head_dim_v (d_v)={d_v}: the Pallas kernels need whole key tiles for the value: "
+          f"{d_nope} (the NoPE part) or {d_qk} (the whole key)")
   scaled = fmt != "bf16"
   tiles = [Tile(0, i * width, width, i if scaled else None, i * width, i * width < d_v)
            for i in range(d_nope // width)]
@@ -190,8 +190,13 @@ def store_value_tiles(layout: KeyLayout, o_ref, tiles) -> None:
     o_ref[:, pl.ds(t.q_col, t.width)] = v.astype(o_ref.dtype)
 
 
-def compiler_params(num_warps: int, num_stages: int):
-  """Triton backend, named explicitly (with no params pallas_call targets Mosaic GPU)."""
+def compiler_params(num_warps: int | None, num_stages: int, block_rows: int):
+  """Triton backend, named explicitly (with no params pallas_call targets Mosaic GPU).
+
+  num_warps None: 8 for 64-row blocks (a 64 x 512 fp32 accumulator is 128 registers per
+  thread over 8 warps, as FlashMLA's two warpgroups), else 4."""
+  if num_warps is None:
+    num_warps = 8 if block_rows >= 64 else 4
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 

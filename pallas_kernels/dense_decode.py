@@ -162,11 +162,15 @@ class DenseDecodeTuning:
     rounded up to a power of two >= 16.  block_k: keys per loop step (power of two >= 16).
   num_splits: split-KV factor; None = enough programs for ~1 wave of the GPU's SMs
     (132 on H100/H200; 2 in interpret mode, where every program costs CPU time).
+  num_warps: None = 8 for 64-row blocks, else 4 (``_tiles.compiler_params``).
+  Defaults as compiled offline for sm_90a (Triton 3.6 + ptxas, no GPU): 64 x 32 blocks,
+  8 warps, 2 stages -> wgmma, 114-128 KB shared memory, ~100-180 B/thread of spills;
+  block_k 64 needs 164-185 KB and spills more.  Untimed: tune on the GPU.
   """
   block_m: int | None = None
-  block_k: int = 64
+  block_k: int = 32
   num_splits: int | None = None
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 2
   num_sms: int = 132
 
@@ -274,7 +278,7 @@ def _pallas_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_di
       kernel, out_shape=out_shape, grid=(b, splits, h_kv * n_rb),
       in_specs=[whole, whole, whole, q_spec] + [whole] * (len(operands) - 4),
       out_specs=out_specs,
-      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages),
+      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages, block_m),
       interpret=interpret, name="dense_decode_mla")(*operands)
   if not final and not partials:
     out, lse = combine.combine_splits(out, lse, out_dtype=jnp.bfloat16)

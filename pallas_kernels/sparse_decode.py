@@ -199,11 +199,15 @@ class SparseDecodeTuning:
   block_k: top-k entries per loop step (FlashMLA's sparse kernels use 64).
   num_splits: split-KV factor over the (main + extra) top-k blocks; None = enough
     programs for ~1 wave of ``num_sms`` SMs (2 in interpret mode).
+  num_warps: None = 8 for 64-head blocks, else 4 (``_tiles.compiler_params``).
+  Defaults as compiled offline for sm_90a (Triton 3.6 + ptxas, no GPU): 64 x 32 blocks,
+  8 warps, 2 stages -> wgmma, 114-128 KB shared memory; spills ~50-270 B/thread without
+  the extra cache and ~1 KB with it (two loops keep the state live).  Untimed.
   """
   block_h: int | None = None
-  block_k: int = 64
+  block_k: int = 32
   num_splits: int | None = None
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 2
   num_sms: int = 132
 
@@ -305,7 +309,7 @@ def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra
   out, lse = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(rows, splits, n_hb), in_specs=in_specs,
       out_specs=out_specs,
-      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages),
+      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages, block_h),
       interpret=interpret, name="sparse_decode_mla")(*operands)
   if not final:
     out, lse = combine.combine_splits(out, lse, attn_sink_N=sink_N, out_dtype=jnp.bfloat16)

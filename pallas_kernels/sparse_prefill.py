@@ -111,10 +111,12 @@ class SparsePrefillTuning:
   block_h: query heads per program (power of two >= 16; None = min(64, h_q) rounded up).
   block_k: index-list entries per loop step.  No split-KV: prefill has s_q x h_q / block_h
   programs, plenty to fill the GPU (FlashMLA's prefill kernel does not split either).
+  num_warps: None = 8 for 64-head blocks, else 4.  Defaults compiled offline for sm_90a
+  (no GPU): wgmma, 128-144 KB shared memory, 100-400 B/thread of spills.  Untimed.
   """
   block_h: int | None = None
-  block_k: int = 64
-  num_warps: int = 4
+  block_k: int = 32
+  num_warps: int | None = None
   num_stages: int = 2
 
 
@@ -170,7 +172,7 @@ def _pallas_core(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, tunin
       out_specs=(pl.BlockSpec((None, block_h, d_v), lambda t, j: (t, j, 0)),
                  pl.BlockSpec((None, block_h), lambda t, j: (t, j)),
                  pl.BlockSpec((None, block_h), lambda t, j: (t, j))),
-      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages),
+      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages, block_h),
       interpret=interpret, name="sparse_prefill_mla",
   )(topk_length, sm_scale.reshape(1), q_TNH, sink_N, idx_TX, kv_SH, kv_SH)
   return out[:, :h_q], max_logits[:, :h_q], lse[:, :h_q]

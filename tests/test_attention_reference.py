@@ -345,8 +345,8 @@ def test_bad_inputs_raise(setup):
     pk.sparse_decode(q, cache, i, head_dim_v=DV, topk_length=jnp.asarray([7, 0], jnp.int32))
   with pytest.raises(ValueError, match="head_dim_v"):
     pk.sparse_decode(q, cache, i, head_dim_v=1024)
-  with pytest.raises(NotImplementedError, match="Pallas"):
-    pk.sparse_decode(q, cache, i, head_dim_v=DV, impl="pallas")
+  with pytest.raises(ValueError, match="whole key tiles"):      # the kernels' value tiling
+    pk.sparse_decode(q, cache, i, head_dim_v=100, impl="pallas")
   with pytest.raises(ValueError, match="impl"):
     pk.sparse_decode(q, cache, i, head_dim_v=DV, impl="cuda")
   table = jnp.asarray([[0, 1], [2, 0]], jnp.int32)
@@ -354,10 +354,10 @@ def test_bad_inputs_raise(setup):
     pk.dense_decode(q, cache, table, jnp.asarray([9, 1], jnp.int32), head_dim_v=DV)
   with pytest.raises(ValueError, match=r"block_table\[\(1, 0\)\]=3"):
     pk.dense_decode(q, cache, table.at[1, 0].set(Z), jnp.asarray([8, 1], jnp.int32), head_dim_v=DV)
-  with pytest.raises(NotImplementedError):
-    pk.dense_decode(q, cache, table, jnp.asarray([8, 1], jnp.int32), head_dim_v=DV, impl="pallas")
+  with pytest.raises(ValueError, match="whole key tiles"):
+    pk.dense_decode(q, cache, table, jnp.asarray([8, 1], jnp.int32), head_dim_v=100, impl="pallas")
   kv = jnp.zeros((5, 1, D[fmt]), jnp.bfloat16)
   with pytest.raises(ValueError, match="kv shape"):
     pk.sparse_prefill(q[0], kv[:, 0], i[0][:, None], sm_scale=0.1)
-  with pytest.raises(NotImplementedError):
-    pk.sparse_prefill(q[0], kv, i[0][:, None], sm_scale=0.1, impl="pallas")
+  with pytest.raises(ValueError, match="whole key tiles"):
+    pk.sparse_prefill(q[0], kv, i[0][:, None], sm_scale=0.1, d_v=100, impl="pallas")

@@ -106,12 +106,15 @@ def test_covering_arrays_cover_every_pair(factors, cases):
 
 def poison(cache, slots):
   """Every byte of the given flat slots -> NaN (codes 0xFF, NaN/0xFF scales, NaN RoPE)."""
-  y = cache.block_size
-  blk, off = np.divmod(np.asarray(slots), y)
-  nan_like = lambda a: (jnp.full(a.shape[-1:], 0xFF, jnp.uint8) if a.dtype == jnp.uint8 else
-                        jax.lax.bitcast_convert_type(jnp.full(a.shape[-1:], 0xFF, jnp.uint8), a.dtype)
-                        if a.dtype == jnp.float8_e4m3fn else jnp.full(a.shape[-1:], jnp.nan, a.dtype))
-  put = lambda a: None if a is None else a.at[blk, off].set(nan_like(a))
+  blk, off = np.divmod(np.asarray(slots), cache.block_size)
+
+  def put(a):
+    if a is None:
+      return None
+    ff = jnp.full(a.shape[-1:], 0xFF, jnp.uint8)          # e4m3fn NaN; ue8m0 NaN
+    nan = (ff if a.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(ff, a.dtype)
+           if a.dtype == jnp.float8_e4m3fn else jnp.full(a.shape[-1:], jnp.nan, a.dtype))
+    return a.at[blk, off].set(nan)
   return pk.KCache(put(cache.nope), put(cache.rope), put(cache.scales), cache.fmt)
 
 
@@ -152,7 +155,8 @@ def _sparse_case(geometry, h_q, page, topk, neg1, empty, nan, sink, extra, s_q, 
     idx = rng.integers(1, n_tok, (b, s_q, topk)).astype(np.int32)
     if neg1:
       idx[rng.random(idx.shape) < 0.3] = -1
-      idx[0, -1] = -1                                   # a row with only -1 entries
+      if s_q > 1:                                       # a row with only -1 entries
+        idx[0, -1] = -1
     past = np.arange(topk)[None, None, :] >= np.asarray(lengths)[:, None, None]
     junk = np.where(rng.random(idx.shape) < 0.5, 0, 10**6)
     return np.where(past, junk, idx).astype(np.int32)
@@ -358,6 +362,50 @@ def test_kernels_lower_for_cuda(fmt):
     assert txt.count("__gpu$xla.gpu.triton") == 1 and "sparse_decode_mla" in txt
 
 
+def test_kernels_compile_for_sm90_with_triton(tmp_path, monkeypatch):
+  """Optional (needs ``pip install triton``; no GPU): the Triton IR each kernel lowers to
+  compiles for sm_90 with its default tuning, fits in shared memory and uses wgmma."""
+  triton = pytest.importorskip("triton")
+  from triton.backends.compiler import GPUTarget
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  captured = []
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*a, **k):
+    result = lower(*a, **k)
+    captured.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+  monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
+  jax.clear_caches()                                    # lower afresh, through the hook
+  q = jnp.zeros((4, 2, 64, 512), jnp.bfloat16)
+  cache = pk.KCache.empty(64, 64, "model1")
+  idx = jnp.zeros((4, 2, 128), jnp.int32)
+  lens = jnp.full((4,), 128, jnp.int32)
+  sink = jnp.zeros((64,), jnp.float32)
+  kernels = {
+      "dense": (lambda q, c, t, s: pk.dense_decode(q, c, t, s, head_dim_v=DV, impl="pallas",
+                                                   interpret=False),
+                q[:, :1], cache, jnp.zeros((4, 16), jnp.int32), lens),
+      "sparse": (lambda q, c, i, s: pk.sparse_decode(q, c, i, head_dim_v=DV, attn_sink=s,
+                                                     impl="pallas", interpret=False),
+                 q, cache, idx, sink),
+      "prefill": (lambda q, kv, i: pk.sparse_prefill(q, kv, i, sm_scale=0.1, impl="pallas",
+                                                     interpret=False),
+                  q[0], jnp.zeros((256, 1, 512), jnp.bfloat16), idx[0][:, None]),
+  }
+  for name, (f, *args) in kernels.items():
+    captured.clear()
+    txt = _export_cuda(f, *args)
+    warps, stages = (int(re.search(rf"{k} = (\d+)", txt).group(1))
+                     for k in ("num_warps", "num_stages"))
+    path = tmp_path / f"{name}.ttir"
+    path.write_text(captured[-1])
+    kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    assert kernel.metadata.shared <= 227 * 1024, (name, kernel.metadata.shared)
+    assert "wgmma.mma_async" in kernel.asm["ptx"], name
+
+
 # A dequantised copy of the cache would be a bf16/f32 array with a key-sized last dim
 # (448, 512, 576) and at least as many rows as the cache has tokens (205 here), while
 # every legitimate buffer of the decode path has <= 2 * 16 query rows.
@@ -399,7 +447,7 @@ def test_decode_path_never_materialises_a_dequantised_cache(fmt):
 
 def test_kernel_argument_errors():
   q, cache, idx, kw = _sparse_case("v32", 16, 3, 64, False, False, False, False, False, 1, 0)
-  with pytest.raises(ValueError, match="head_dim_v=448"):       # not whole key tiles
+  with pytest.raises(ValueError, match=r"head_dim_v \(d_v\)=448"):       # not whole key tiles
     pk.sparse_decode(q, cache, idx, impl="pallas", **{**kw, "head_dim_v": 448})
   with pytest.raises(ValueError, match="block_k=48"):
     pk.sparse_decode(q, cache, idx, impl="pallas", **kw, tuning=SparseDecodeTuning(block_k=48))
@@ -409,7 +457,7 @@ def test_kernel_argument_errors():
   with pytest.raises(ValueError, match="block_m=8"):
     pk.dense_decode(qd, dcache, table, lens, head_dim_v=DV, impl="pallas",
                     tuning=DenseDecodeTuning(block_m=8))
-  with pytest.raises(ValueError, match="head_dim_v=100"):
+  with pytest.raises(ValueError, match=r"head_dim_v \(d_v\)=100"):
     pk.dense_decode(qd, dcache, table, lens, head_dim_v=100, impl="pallas")
   qp, kv, pidx, pkw = _prefill_case("model1", 16, 64, False, False, False, False, False, 0)
   with pytest.raises(ValueError, match="block_h=24"):
