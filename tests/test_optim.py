@@ -46,6 +46,17 @@ class Toy(nnx.Module):
     return x @ self.head[...]
 
 
+_toy_state = []
+
+
+def _toy() -> Toy:
+  """A fresh Toy; built once under jit (one compile instead of one per eager init op),
+  then merged anew for each test so updates never leak between tests."""
+  if not _toy_state:
+    _toy_state.extend(nnx.split(nnx.jit(lambda: Toy(nnx.Rngs(0)))()))
+  return nnx.merge(*_toy_state)
+
+
 MUON = {"wq/kernel", "wq_b", "wo_a", "experts/w1", "experts/w2", "hc_attn/fn", "hc_head/fn"}
 
 
@@ -60,7 +71,7 @@ def _flat(tree):
 
 
 def test_muon_mask_takes_exactly_the_weight_matrices():
-  model = Toy(nnx.Rngs(0))
+  model = _toy()
   mask = _flat(muon_mask(nnx.state(model, nnx.Param)))
   assert {k for k, v in mask.items() if v} == MUON
   assert {"embed/embedding", "attn_norm/scale", "wq/bias", "gate", "head",
@@ -97,7 +108,7 @@ def _train_step(model, opt, ids):
 
 @pytest.mark.parametrize("muon", [False, True])
 def test_optimizer_steps_and_learns(muon):
-  model = Toy(nnx.Rngs(0))
+  model = _toy()
   cfg = OptimConfig(lr=1e-2, muon_lr=2e-2, warmup_steps=2, total_steps=40, muon=muon)
   opt = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
   ids = jnp.arange(12) % V
@@ -109,7 +120,7 @@ def test_optimizer_steps_and_learns(muon):
 
 
 def test_gradient_accumulation_moves_params_every_k_steps():
-  model = Toy(nnx.Rngs(0))
+  model = _toy()
   cfg = OptimConfig(lr=1e-2, warmup_steps=1, total_steps=20, grad_accum=2, muon=True)
   opt = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
   ids = jnp.arange(12) % V
@@ -151,7 +162,7 @@ def test_first_step_updates_are_adam_signs_and_muon_orthogonal():
   params = jax.tree.map(jnp.zeros, shapes, is_leaf=lambda x: isinstance(x, tuple))
   grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
   tx = make_optimizer(cfg)
-  upd, _ = tx.update(grads, tx.init(params), params)
+  upd, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
   lr0 = float(lr_schedule(cfg)(0))
   for name in ("embed", "attn_norm", "gate"):   # Adam step 1: m/sqrt(v) = g/|g|
     np.testing.assert_allclose(upd[name], -lr0 * np.sign(grads[name]), rtol=1e-4)
