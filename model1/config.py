@@ -16,6 +16,10 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from model1.engram_hash import EngramConfig, head_sizes, table_rows
+from model1.mhc import MHCConfig
+from model1.moe import MoEConfig
+
 GEOMETRIES = ("v32", "model1")
 
 
@@ -154,6 +158,14 @@ class FFNConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MTPConfig:
+  """Multi-token prediction (V4 layout): ``n_layers`` modules (0 = off; V4 uses 1), each
+  predicting one token further ahead; their loss is added with ``loss_weight``."""
+  n_layers: int = 0
+  loss_weight: float = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 4096
   d_model: int = 128
@@ -165,6 +177,18 @@ class ModelConfig:
   dtype: str = "float32"          # compute dtype; parameters stay float32
   remat: bool = False
   init_std: float = 0.02
+  # the V4 block (each part a switch for ablations)
+  mhc: MHCConfig = MHCConfig(hc_mult=1)   # 1 = plain pre-norm residual
+  use_moe: bool = False
+  n_dense_layers: int = 0                 # dense FFN layers before the first MoE layer
+  moe: MoEConfig = MoEConfig()
+  mtp: MTPConfig = MTPConfig()
+  use_engram: bool = False
+  engram: EngramConfig = EngramConfig(engram_vocab_size=(997, 997), n_embed_per_ngram=64,
+                                      n_head_per_ngram=4, layer_ids=(1,))
+
+  def is_moe_layer(self, layer_id: int) -> bool:
+    return self.use_moe and layer_id >= self.n_dense_layers
 
   def validate(self) -> "ModelConfig":
     for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
@@ -173,6 +197,20 @@ class ModelConfig:
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype={self.dtype!r}; expected 'float32' or 'bfloat16'")
     self.attention.validate()
+    if self.mtp.n_layers < 0 or self.mtp.loss_weight < 0:
+      raise ValueError(f"model.mtp={self.mtp}; expected n_layers >= 0 and loss_weight >= 0")
+    if self.use_moe:
+      if not 0 <= self.n_dense_layers < self.n_layers:
+        raise ValueError(f"model.n_dense_layers={self.n_dense_layers}; expected 0 <= "
+                         f"n_dense_layers < n_layers={self.n_layers} (at least one MoE layer)")
+      n_moe = self.n_layers - self.n_dense_layers
+      self.moe.validate(n_moe)
+      if self.moe.n_hash_layers and self.n_dense_layers:
+        raise ValueError(f"moe.n_hash_layers={self.moe.n_hash_layers} with n_dense_layers="
+                         f"{self.n_dense_layers}; expected hash layers to be the first "
+                         f"layers of the model (n_dense_layers=0), as in V4")
+    if self.use_engram:
+      self.engram.validate(self.n_layers)
     return self
 
 
@@ -239,11 +277,59 @@ def attention_params(a: AttentionConfig, d: int, layer_id: int = 0) -> int:
   return n
 
 
+def mhc_site_params(m: MHCConfig, d: int) -> int:
+  c = m.hc_mult
+  return 0 if c == 1 else (2 + c) * c * (c * d + 1) + 3
+
+
+def mhc_head_params(m: MHCConfig, d: int) -> int:
+  c = m.hc_mult
+  return 0 if c == 1 else c * (c * d + 1) + 1
+
+
+def ffn_params(cfg: ModelConfig, layer_id: int) -> int:
+  d = cfg.d_model
+  if not cfg.is_moe_layer(layer_id):
+    return 3 * d * cfg.ffn.hidden
+  m = cfg.moe
+  return (d * m.n_routed_experts + 3 * m.n_routed_experts * d * m.moe_inter_dim
+          + 3 * d * m.n_shared_experts * m.moe_inter_dim)
+
+
+def engram_params(e: EngramConfig, d: int, c: int, layer_id: int) -> int:
+  F = e.engram_hidden_size
+  return (table_rows(e, layer_id) * e.head_dim + F * d + d + F * c * d + c * d + 2 * c * d
+          + c * d + e.kernel_size * c * d)
+
+
+def block_params(cfg: ModelConfig, layer_id: int, attn_cfg: AttentionConfig | None = None) -> int:
+  d = cfg.d_model
+  n = 2 * d + attention_params(attn_cfg or cfg.attention, d, layer_id) + ffn_params(cfg, layer_id)
+  n += 2 * mhc_site_params(cfg.mhc, d)
+  if cfg.use_engram and layer_id in cfg.engram.layer_ids:
+    n += engram_params(cfg.engram, d, cfg.mhc.hc_mult, layer_id)
+  return n
+
+
+def mtp_attention(cfg: ModelConfig) -> AttentionConfig:
+  """The MTP block's attention: window-only when the ratio list has no entry for it."""
+  a = cfg.attention
+  need = cfg.n_layers + cfg.mtp.n_layers
+  if a.sparse == "compressed" and len(a.compress_ratios) < need:
+    a = dataclasses.replace(a, compress_ratios=a.compress_ratios
+                            + (0,) * (need - len(a.compress_ratios)))
+  return a
+
+
 def param_count(cfg: ModelConfig) -> int:
   """Exact parameter count from the config (a test checks it against the model)."""
   d = cfg.d_model
-  per_layer = 2 * d + attention_params(cfg.attention, d) + 3 * d * cfg.ffn.hidden
-  return 2 * cfg.vocab_size * d + d + cfg.n_layers * per_layer
+  n = 2 * cfg.vocab_size * d + d + mhc_head_params(cfg.mhc, d)
+  n += sum(block_params(cfg, i) for i in range(cfg.n_layers))
+  for i in range(cfg.mtp.n_layers):  # enorm, hnorm, e_proj, h_proj, norm, hc_head + block
+    n += 3 * d + 2 * d * d + mhc_head_params(cfg.mhc, d)
+    n += block_params(cfg, cfg.n_layers + i, mtp_attention(cfg))
+  return n
 
 
 # ---------------------------------------------------------------- presets
@@ -280,7 +366,9 @@ def run_config(model: ModelConfig, name: str):
   c.data = ml_collections.ConfigDict(dict(
       paths="",            # comma-separated files/folders; empty = Python stdlib sources
       seq_len=min(256, model.max_seq_len), batch_size=8, tokenizer="bpe",
-      val_percent=5.0, cache_dir=""))
+      val_percent=5.0, cache_dir="",
+      synthetic_ratio=0.0,  # fraction of rows replaced by passkey/MQAR examples
+  ))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, optimizer="adamw", lr=3e-3, muon_lr=0.02, warmup_steps=30,
       min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, clip=1.0, grad_accum=1,

@@ -1,12 +1,16 @@
-"""The MODEL1 decoder-only transformer (Flax NNX).
+"""The MODEL1 / DeepSeek-V4 decoder-only transformer (Flax NNX).
 
-tokens [B,T] -> Embed -> n_layers x Block -> RMSNorm -> head -> logits [B,T,V].
-A Block is pre-norm: h += attn(attn_norm(h)); h += ffn(ffn_norm(h)). The attention is
-MLA in either FlashMLA geometry (``model1.attention``). Parameter names follow DeepSeek's
-``inference/model.py`` (embed, layers.i.attn.wq_a, ..., norm, head).
+  tokens [B,T] -> embed -> copy into C residual streams (mHC; C = 1: plain residual)
+    -> n_layers x Block (MLA attention, dense SwiGLU or DeepSeekMoE, optional Engram)
+    -> hc_head (merge streams) -> RMSNorm -> head -> logits [B,T,V]
+  + ``mtp.n_layers`` multi-token-prediction modules during training (``model1.mtp``).
 
-Packed batches carry ``segment_ids`` (0 = padding) and per-document ``positions``;
-attention never crosses a segment boundary.
+Parameter names follow DeepSeek's ``inference/model.py`` (embed, layers.i.attn.wq_a, ...,
+hc_head, norm, head, mtp.k.*). Packed batches carry ``segment_ids`` (0 = padding) and
+per-document ``positions``; attention never crosses a segment boundary.
+
+Forms: ``__call__`` (training; adds MTP losses when given the batch), ``prefill`` (also
+returns every layer's cache vectors) and ``decode`` (new tokens against paged caches).
 """
 from __future__ import annotations
 
@@ -15,37 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model1 import sharding
-from model1.attention import MLA
+from model1.block import Block
 from model1.config import ModelConfig
-from model1.layers import Dense, Embed, RMSNorm, SwiGLU
-
-_ACT = ("batch", "activation_length", "activation_embed")
-
-
-class Block(nnx.Module):
-
-  def __init__(self, cfg: ModelConfig, layer_id: int, rngs: nnx.Rngs):
-    self.layer_id = layer_id
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.attn = MLA(cfg.attention, cfg.d_model, rngs, layer_id=layer_id)
-    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-    self.ffn = SwiGLU(cfg.d_model, cfg.ffn.hidden, rngs)
-
-  def _forward(self, h_BTD, attn_fn):
-    """The residual structure; ``attn_fn(x) -> (y, extra)`` is the training, prefill or
-    decode attention, so every form shares it."""
-    y_BTD, extra = attn_fn(self.attn_norm(h_BTD))
-    h_BTD = sharding.constrain(h_BTD + y_BTD, _ACT)
-    h_BTD = h_BTD + self.ffn(self.ffn_norm(h_BTD))
-    return sharding.constrain(h_BTD, _ACT), extra
-
-  def __call__(self, h_BTD, positions_BT, segment_ids_BT):
-    return self._forward(h_BTD, lambda x: self.attn(x, positions_BT, segment_ids_BT,
-                                                   return_kv=True))
-
-  def decode(self, h_BTD, positions_BT, cache, block_table_BZ, seqlens_B, valid_BT, impl):
-    return self._forward(h_BTD, lambda x: self.attn.decode(
-        x, positions_BT, cache, block_table_BZ, seqlens_B, valid_BT, impl))
+from model1.layers import AuxLoss, Dense, Embed, Metric, RMSNorm
+from model1.mhc import STREAM_AXES, HCHead, expand
+from model1.mtp import MTPBlock, mtp_loss, shifted
 
 
 class Transformer(nnx.Module):
@@ -55,52 +33,79 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs, std=cfg.init_std)
     self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.hc_head = HCHead(cfg.mhc, cfg.d_model, rngs=rngs)
     self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs)
+    self.mtp = nnx.List([MTPBlock(cfg, k, rngs) for k in range(cfg.mtp.n_layers)])
 
   @property
   def dtype(self):
     return jnp.dtype(self.cfg.dtype)
 
-  def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-    """Final hidden states [B,T,D] and the per-layer cache vectors."""
+  def streams(self, tokens_BT, positions_BT=None, segment_ids_BT=None, engram_hash=None):
+    """Residual streams after the last block [B,T,C,D] and per-layer cache vectors."""
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
-    h_BTD = sharding.constrain(self.embed(tokens_BT, self.dtype), _ACT)
+    x_BTD = self.embed(tokens_BT, self.dtype)
+    h_BTCD = sharding.constrain(expand(x_BTD, self.cfg.mhc.hc_mult), STREAM_AXES)
     kvs = []
     for layer in self.layers:
+      eids = None if engram_hash is None else engram_hash.get(str(layer.layer_id))
       if self.cfg.remat:
-        h_BTD, kv = nnx.remat(lambda m, *a: m(*a))(layer, h_BTD, positions_BT, segment_ids_BT)
+        h_BTCD, kv = nnx.remat(lambda m, *a: m(*a))(layer, h_BTCD, positions_BT,
+                                                    segment_ids_BT, tokens_BT, eids)
       else:
-        h_BTD, kv = layer(h_BTD, positions_BT, segment_ids_BT)
+        h_BTCD, kv = layer(h_BTCD, positions_BT, segment_ids_BT, tokens_BT, eids)
       kvs.append(kv)
-    return self.norm(h_BTD), kvs
+    return h_BTCD, kvs
 
-  def logits(self, h_BTD):
-    logits_BTV = self.head(h_BTD)
+  def logits(self, x_BTD):
+    logits_BTV = self.head(x_BTD)
     return sharding.constrain(logits_BTV.astype(jnp.float32),
                               ("batch", "activation_length", "activation_vocab"))
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
-    """Logits [B,T,V] (fp32). ``batch`` carries optional extra inputs (e.g. precomputed
-    Engram hash ids) from the data pipeline."""
-    return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT)[0])
+  def final_hidden(self, h_BTCD):
+    return self.norm(self.hc_head(h_BTCD))
 
-  def prefill(self, tokens_BT, positions_BT, segment_ids_BT):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
+    """Logits [B,T,V] (fp32). With the training ``batch`` (targets, loss_mask, optional
+    ``engram_hash`` ids) the MTP modules run and report their losses."""
+    engram_hash = None if batch is None else batch.get("engram_hash")
+    if self.cfg.use_engram and engram_hash is None:
+      raise ValueError("model.use_engram=True but no Engram hash ids were given; expected "
+                       "batch['engram_hash'] (see model1.engram_data.add_engram_hash)")
+    h_BTCD, _ = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash)
+    logits_BTV = self.logits(self.final_hidden(h_BTCD))
+    if len(self.mtp) and batch is not None and "targets" in batch:
+      self._mtp_losses(h_BTCD, batch, positions_BT, segment_ids_BT)
+    return logits_BTV
+
+  def _mtp_losses(self, h_BTCD, batch, positions_BT, segment_ids_BT):
+    targets, mask = batch["targets"], batch["loss_mask"]
+    for k, mtp in enumerate(self.mtp):
+      next_ids = shifted(targets, k)  # token k+1 ahead of each input position
+      h_BTCD, x_BTD = mtp(h_BTCD, next_ids, self.embed(next_ids, self.dtype), positions_BT,
+                          segment_ids_BT)
+      ce = mtp_loss(self.logits(x_BTD), targets, mask, k)
+      self.sow(Metric, f"mtp_loss_{k}", ce)
+      self.sow(AuxLoss, f"mtp_{k}", self.cfg.mtp.loss_weight * ce)
+
+  def prefill(self, tokens_BT, positions_BT, segment_ids_BT, engram_hash=None):
     """Full forward that also returns each layer's cache vectors [B,T,d_qk]."""
-    h_BTD, kvs = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
-    return self.logits(h_BTD), kvs
+    h_BTCD, kvs = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash)
+    return self.logits(self.final_hidden(h_BTCD)), kvs
 
   def decode(self, tokens_BT, positions_BT, caches, block_table_BZ, seqlens_B, valid_BT,
              impl: str = "xla"):
     """New tokens at ``positions_BT`` (the end of each sequence) against the paged caches;
     returns (logits [B,T,V], new caches)."""
-    h_BTD = self.embed(tokens_BT, self.dtype)
+    h_BTCD = expand(self.embed(tokens_BT, self.dtype), self.cfg.mhc.hc_mult)
     new = []
     for layer, cache in zip(self.layers, caches):
-      h_BTD, cache = layer.decode(h_BTD, positions_BT, cache, block_table_BZ, seqlens_B,
-                                  valid_BT, impl)
+      step = (lambda mla, x, cache=cache: mla.decode(x, positions_BT, cache, block_table_BZ,
+                                                     seqlens_B, valid_BT, impl))
+      h_BTCD, cache = layer.decode(h_BTCD, step, tokens_BT)
       new.append(cache)
-    return self.logits(self.norm(h_BTD)), new
+    return self.logits(self.final_hidden(h_BTCD)), new

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from model1 import moe
 from model1.config import ModelConfig
 from model1.layers import AuxLoss, Metric
 
@@ -70,33 +71,41 @@ def _split_micro(batch: dict, k: int) -> dict:
 
 @nnx.jit(static_argnames=("grad_accum",))
 def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
-  """One optimizer step over ``batch`` (split into ``grad_accum`` micro-batches)."""
+  """One optimizer step over ``batch`` (split into ``grad_accum`` micro-batches).
+
+  Non-parameter state updated by the forward (MoE expert-load counters) is carried
+  through the micro-batches; after the update, MoE router biases move against each
+  expert's load (aux-loss-free balancing, outside the gradient)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def micro_loss(p, mb):
-    return loss_fn(nnx.merge(graphdef, p, rest), mb)
+  def micro_loss(p, r, mb):
+    m = nnx.merge(graphdef, p, r)
+    total, aux = loss_fn(m, mb)
+    return total, (aux, nnx.state(m, nnx.Not(nnx.Param)))
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if grad_accum == 1:
-    (_, aux), grads = grad_fn(params, batch)
+    (_, (aux, rest)), grads = grad_fn(params, rest, batch)
     loss, extras = aux["loss"], {"aux": aux["aux"], "metrics": aux["metrics"]}
   else:
-    def body(acc, mb):
-      (_, aux), g = grad_fn(params, mb)
+    def body(carry, mb):
+      acc_g, acc_l, acc_n, r = carry
+      (_, (aux, r)), g = grad_fn(params, r, mb)
       # weight each micro-batch by its token count so the result is the full-batch mean
       w = aux["tokens"]
-      acc_g, acc_l, acc_n = acc
       return (jax.tree.map(lambda a, b: a + b * w, acc_g, g), acc_l + aux["loss"] * w,
-              acc_n + w), {"aux": aux["aux"], "metrics": aux["metrics"]}
+              acc_n + w, r), {"aux": aux["aux"], "metrics": aux["metrics"]}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (gsum, lsum, n), per_micro = jax.lax.scan(body, (zeros, 0.0, 0.0),
-                                              _split_micro(batch, grad_accum))
+    (gsum, lsum, n, rest), per_micro = jax.lax.scan(
+        body, (zeros, jnp.zeros(()), jnp.zeros(()), rest), _split_micro(batch, grad_accum))
     n = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / n, gsum)
     loss = lsum / n
     extras = jax.tree.map(lambda x: x.mean(0), per_micro)
+  nnx.update(model, rest)
   grad_norm = optax.global_norm(grads)
   optimizer.update(model, grads)
+  moe.apply_bias_updates(model)
   return {"loss": loss, "grad_norm": grad_norm, **extras}
 
 
@@ -104,4 +113,6 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
 def eval_step(model, batch: dict):
   """Summed loss and token count (callers average over batches)."""
   _, aux = loss_fn(model, batch)
-  return {"loss_sum": aux["loss"] * aux["tokens"], "tokens": aux["tokens"]}
+  moe.reset_moe_stats(model)  # evaluation must not steer the router biases
+  return {"loss_sum": aux["loss"] * aux["tokens"], "tokens": aux["tokens"],
+          "metrics": aux["metrics"]}

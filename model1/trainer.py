@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model1 import checkpoint, data, optim, sharding, steps
+from model1 import checkpoint, data, long_context, optim, sharding, steps
 from model1.config import model_config_from_dict
 from model1.model import Transformer
 
@@ -68,6 +68,17 @@ def load_dataset(cfg) -> data.Dataset:
   return data.Dataset(paths=paths, seq_len=d.seq_len, batch_size=d.batch_size, seed=cfg.seed,
                       tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size,
                       val_percent=d.val_percent, cache_dir=d.cache_dir or None)
+
+
+def train_batch(ds: data.Dataset, step: int, cfg) -> dict:
+  """The text batch for ``step``, with synthetic long-context rows mixed in at
+  ``data.synthetic_ratio`` (deterministic in seed and step)."""
+  batch = ds.batch(step)
+  ratio = cfg.data.get("synthetic_ratio", 0.0)
+  if ratio > 0:
+    tv = long_context.TaskVocab(cfg.model.vocab_size)
+    batch = long_context.mix_into_batch(batch, step, ratio, tv, seed=cfg.seed)
+  return batch
 
 
 def evaluate(model, ds: data.Dataset, mesh, n_batches: int) -> float:
@@ -158,7 +169,7 @@ def run(cfg, workdir: str | Path) -> dict:
           summary["preempted"] = True
           print(f"\nreceived signal {stop.signum}: checkpoint saved at step {step}", flush=True)
           break
-        batch = ds.batch(step)
+        batch = train_batch(ds, step, cfg)
         steps.check_batch(batch, model_cfg)
         out = steps.train_step(model, opt, put_batch(batch, mesh), grad_accum=t.grad_accum)
         done = step + 1

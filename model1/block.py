@@ -1,0 +1,86 @@
+"""One transformer block of the MODEL1 / DeepSeek-V4 stack.
+
+  h_BTCD (C residual streams; C = 1 is the plain residual)
+    [+ Engram(h, hash ids)]                         if this layer carries Engram
+    -> mHC site: x = pre-mix(h); h' = post * attn(attn_norm(x)) + comb-mix(h)
+    -> mHC site: x = pre-mix(h); h' = post * ffn(ffn_norm(x)) + comb-mix(h)
+
+``attn`` is MLA in either FlashMLA geometry (``model1.attention``); ``ffn`` is a dense
+SwiGLU or DeepSeekMoE (``model1.moe``; the first ``n_dense_layers`` stay dense, the
+first ``moe.n_hash_layers`` route by token id). MoE reports its sequence-wise balance
+loss as an ``AuxLoss`` and its per-expert load as a ``Metric``. The residual structure
+(``_forward``) is shared by the training, prefill and decode forms: only the attention
+call differs. Parameter names follow V4 (attn_norm, attn, ffn_norm, ffn, hc_attn, hc_ffn).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from model1 import sharding
+from model1.attention import MLA
+from model1.config import AttentionConfig, ModelConfig
+from model1.engram import Engram
+from model1.layers import AuxLoss, Metric, RMSNorm, SwiGLU
+from model1.mhc import STREAM_AXES, HyperConnection
+from model1.moe import MoE
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer_id: int, rngs: nnx.Rngs,
+               attn_cfg: AttentionConfig | None = None):
+    d = cfg.d_model
+    self.layer_id = layer_id
+    self.attn_norm = RMSNorm(d, cfg.norm_eps)
+    self.attn = MLA(attn_cfg or cfg.attention, d, rngs, layer_id=layer_id)
+    self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+    if cfg.is_moe_layer(layer_id):
+      self.ffn = MoE(cfg.moe, d, layer_id - cfg.n_dense_layers, cfg.vocab_size, rngs=rngs)
+    else:
+      self.ffn = SwiGLU(d, cfg.ffn.hidden, rngs)
+    self.hc_attn = HyperConnection(cfg.mhc, d, rngs=rngs)
+    self.hc_ffn = HyperConnection(cfg.mhc, d, rngs=rngs)
+    self.engram = (Engram(cfg.engram, d, cfg.mhc.hc_mult, rngs, layer_id=layer_id)
+                   if cfg.use_engram and layer_id in cfg.engram.layer_ids else None)
+
+  def _ffn(self, x_BTD, token_ids_BT, mask_BT):
+    if isinstance(self.ffn, MoE):
+      y_BTD, aux = self.ffn(x_BTD, token_ids_BT, mask_BT)
+      self.sow(AuxLoss, "moe_seq_aux", aux.seq_aux_loss)
+      self.sow(Metric, "expert_load", aux.load_frac)
+      return y_BTD
+    return self.ffn(x_BTD)
+
+  def _forward(self, h_BTCD, attn_fn: Callable, token_ids_BT=None, mask_BT=None,
+               engram_ids_BTA=None, engram_fn: Callable | None = None):
+    """``attn_fn(x_BTD) -> (y_BTD, extra)`` is the training, prefill or decode attention;
+    ``engram_fn`` (decode) replaces the full-sequence Engram call."""
+    if self.engram is not None:
+      if engram_fn is not None:
+        h_BTCD = h_BTCD + engram_fn(self.engram, h_BTCD)
+      else:
+        if engram_ids_BTA is None:
+          raise ValueError(f"layer {self.layer_id} carries Engram but no hash ids were "
+                           f"given; expected batch['engram_hash'][{str(self.layer_id)!r}]")
+        h_BTCD = h_BTCD + self.engram(h_BTCD, engram_ids_BTA)
+    h_BTCD, extra = self.hc_attn(h_BTCD, lambda x: attn_fn(self.attn_norm(x)))
+    h_BTCD = sharding.constrain(h_BTCD, STREAM_AXES)
+    h_BTCD, _ = self.hc_ffn(h_BTCD, lambda x: self._ffn(self.ffn_norm(x), token_ids_BT,
+                                                         mask_BT))
+    return sharding.constrain(h_BTCD, STREAM_AXES), extra
+
+  def __call__(self, h_BTCD, positions_BT, segment_ids_BT, token_ids_BT=None,
+               engram_ids_BTA=None):
+    """Training / prefill form; returns (h, the layer's cache vectors [B,T,d_qk])."""
+    return self._forward(
+        h_BTCD, lambda x: self.attn(x, positions_BT, segment_ids_BT, return_kv=True),
+        token_ids_BT, segment_ids_BT > 0, engram_ids_BTA)
+
+  def decode(self, h_BTCD, attn_step: Callable, token_ids_BT=None,
+             engram_fn: Callable | None = None):
+    """Decode form: ``attn_step(mla, x_BTD) -> (y_BTD, new layer cache)``."""
+    return self._forward(h_BTCD, lambda x: attn_step(self.attn, x), token_ids_BT, None,
+                         None, engram_fn)
