@@ -7,4 +7,6 @@ from model1 import config
 
 def get_config():
   c = config.run_config(config.preset("tiny", "v32"), "tiny_v32")
+  c.data.seq_len = 128
+  c.train.steps = 200
   return c

@@ -335,19 +335,31 @@ def param_count(cfg: ModelConfig) -> int:
 # ---------------------------------------------------------------- presets
 
 def preset(size: str, geometry: str) -> ModelConfig:
-  """``tiny`` (CPU, minutes) or ``small`` (~100M parameters, one GPU), either geometry."""
+  """``tiny`` (CPU, minutes) or ``small`` (~100M parameters, one GPU), either geometry.
+
+  ``model1``: the V4 block — mHC (4 streams), DeepSeekMoE (the first layer hash-routed,
+  shared expert, sqrt-softplus scores), one MTP module. ``v32``: V3.2's MLA with the same
+  MoE and MTP and a plain residual (V3.2 has no mHC). Every part is a switch
+  (``mhc.hc_mult=1``, ``use_moe=False``, ``mtp.n_layers=0``) for ablations."""
   if geometry not in GEOMETRIES:
     raise ValueError(f"geometry={geometry!r}; expected one of {GEOMETRIES}")
+  hc = MHCConfig(hc_mult=4 if geometry == "model1" else 1)
   if size == "tiny":
     attn = AttentionConfig(geometry=geometry, n_heads=4, q_lora_rank=64, o_groups=2,
                            o_lora_rank=64)
+    moe = MoEConfig(n_routed_experts=8, n_activated_experts=2, n_shared_experts=1,
+                    moe_inter_dim=128, n_hash_layers=1, route_scale=1.0)
     cfg = ModelConfig(vocab_size=4096, d_model=128, n_layers=2, max_seq_len=256,
-                      attention=attn, ffn=FFNConfig(hidden=384))
+                      attention=attn, ffn=FFNConfig(hidden=384), mhc=hc, use_moe=True,
+                      moe=moe, mtp=MTPConfig(n_layers=1, loss_weight=0.3))
   elif size == "small":
     attn = AttentionConfig(geometry=geometry, n_heads=8, q_lora_rank=384, o_groups=4,
                            o_lora_rank=256)
-    cfg = ModelConfig(vocab_size=16384, d_model=768, n_layers=10, max_seq_len=2048,
-                      attention=attn, ffn=FFNConfig(hidden=2048), dtype="bfloat16")
+    moe = MoEConfig(n_routed_experts=16, n_activated_experts=2, n_shared_experts=1,
+                    moe_inter_dim=256, n_hash_layers=1, route_scale=1.5)
+    cfg = ModelConfig(vocab_size=16384, d_model=512, n_layers=8, max_seq_len=2048,
+                      attention=attn, ffn=FFNConfig(hidden=1536), dtype="bfloat16",
+                      mhc=hc, use_moe=True, moe=moe, mtp=MTPConfig(n_layers=1))
   else:
     raise ValueError(f"size={size!r}; expected 'tiny' or 'small'")
   return cfg.validate()

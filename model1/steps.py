@@ -34,7 +34,13 @@ def check_batch(batch: dict, cfg: ModelConfig) -> None:
 
 
 def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """Module path of a sown value, e.g. 'layers/1/expert_load' (sow's tuple index and the
+  Variable's '.value' dropped)."""
+  parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  parts = [p for p in parts if p not in (".value", "value")]
+  if parts and parts[-1] == "0":
+    parts = parts[:-1]
+  return "/".join(parts)
 
 
 def collect(model, kind) -> dict:
@@ -79,7 +85,7 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def micro_loss(p, r, mb):
-    m = nnx.merge(graphdef, p, r)
+    m = nnx.merge(graphdef, p, r, copy=True)  # fresh Variables at this trace level
     total, aux = loss_fn(m, mb)
     return total, (aux, nnx.state(m, nnx.Not(nnx.Param)))
 

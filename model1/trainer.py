@@ -90,6 +90,18 @@ def evaluate(model, ds: data.Dataset, mesh, n_batches: int) -> float:
   return tot / max(n, 1.0)
 
 
+def flat_metrics(out: dict) -> dict:
+  """Sown metrics and aux losses as JSON-ready values: scalars as floats, vectors (e.g.
+  per-expert load) as lists; keys are module paths without sow's tuple index."""
+  row = {}
+  for group, prefix in (("metrics", ""), ("aux", "aux/")):
+    for path, v in out.get(group, {}).items():
+      name = prefix + path
+      a = np.asarray(v)
+      row[name] = float(a) if a.ndim == 0 else a.round(5).tolist()
+  return row
+
+
 class _Stop:
   def __init__(self):
     self.signum = None
@@ -181,6 +193,7 @@ def run(cfg, workdir: str | Path) -> dict:
           row = {"step": done, "loss": loss, "grad_norm": float(out["grad_norm"]),
                  "lr": float(optim.lr_schedule(optim_config(t))(step)),
                  "tokens_per_s": (done - last_step) * tokens_per_step / (now - last_t)}
+          row.update(flat_metrics(out))
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             row["val_loss"] = evaluate(model, ds, mesh, t.eval_batches)
           mf.write(json.dumps(row) + "\n")
