@@ -54,7 +54,7 @@ class Block(nnx.Module):
       return y_BTD
     return self.ffn(x_BTD)
 
-  def _forward(self, h_BTCD, attn_fn: Callable, token_ids_BT=None, mask_BT=None,
+  def _forward(self, h_BTCD, attn_fn: Callable, token_ids_BT=None, segment_ids_BT=None,
                engram_ids_BTA=None, engram_fn: Callable | None = None):
     """``attn_fn(x_BTD) -> (y_BTD, extra)`` is the training, prefill or decode attention;
     ``engram_fn`` (decode) replaces the full-sequence Engram call."""
@@ -65,9 +65,10 @@ class Block(nnx.Module):
         if engram_ids_BTA is None:
           raise ValueError(f"layer {self.layer_id} carries Engram but no hash ids were "
                            f"given; expected batch['engram_hash'][{str(self.layer_id)!r}]")
-        h_BTCD = h_BTCD + self.engram(h_BTCD, engram_ids_BTA)
+        h_BTCD = h_BTCD + self.engram(h_BTCD, engram_ids_BTA, segment_ids_BT=segment_ids_BT)
     h_BTCD, extra = self.hc_attn(h_BTCD, lambda x: attn_fn(self.attn_norm(x)))
     h_BTCD = sharding.constrain(h_BTCD, STREAM_AXES)
+    mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
     h_BTCD, _ = self.hc_ffn(h_BTCD, lambda x: self._ffn(self.ffn_norm(x), token_ids_BT,
                                                          mask_BT))
     return sharding.constrain(h_BTCD, STREAM_AXES), extra
@@ -77,7 +78,7 @@ class Block(nnx.Module):
     """Training / prefill form; returns (h, the layer's cache vectors [B,T,d_qk])."""
     return self._forward(
         h_BTCD, lambda x: self.attn(x, positions_BT, segment_ids_BT, return_kv=True),
-        token_ids_BT, segment_ids_BT > 0, engram_ids_BTA)
+        token_ids_BT, segment_ids_BT, engram_ids_BTA)
 
   def decode(self, h_BTCD, attn_step: Callable, token_ids_BT=None,
              engram_fn: Callable | None = None):

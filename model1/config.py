@@ -106,9 +106,9 @@ class AttentionConfig:
     if self.rope.dim % 2 or self.rope.dim < 2:
       raise ValueError(f"attention.rope.dim={self.rope.dim}; expected a positive even int")
     if self.geometry == "model1":
-      if self.head_dim <= self.rope.dim:
-        raise ValueError(f"attention.head_dim={self.head_dim} must exceed rope.dim="
-                         f"{self.rope.dim}: the model1 head splits into NoPE + RoPE dims")
+      if self.head_dim < self.rope.dim:
+        raise ValueError(f"attention.head_dim={self.head_dim} must be at least rope.dim="
+                         f"{self.rope.dim}: the model1 head is NoPE dims + the RoPE dims")
       if self.grouped_output and self.n_heads % self.o_groups:
         raise ValueError(f"attention.n_heads={self.n_heads} is not divisible by "
                          f"attention.o_groups={self.o_groups}; expected heads to split "
@@ -132,6 +132,9 @@ class AttentionConfig:
       raise ValueError(f"attention.index_head_dim={J}; expected a power of two, a multiple "
                        f"of 32 (FP4 blocks) and >= rope.dim={self.rope.dim}: indexer heads "
                        f"split into RoPE dims and whole Hadamard/quantisation blocks")
+    if self.qat and self.sparse == "dsa" and J % 128:
+      raise ValueError(f"attention.index_head_dim={J} with qat=True and sparse='dsa'; "
+                       f"expected a multiple of 128 (V3.2's FP8 indexer tiles)")
     if self.compress_ratios and self.sparse != "compressed":
       raise ValueError(f"attention.compress_ratios={self.compress_ratios} with sparse="
                        f"{self.sparse!r}; expected sparse='compressed' (or no ratios)")
@@ -363,6 +366,20 @@ def preset(size: str, geometry: str) -> ModelConfig:
   else:
     raise ValueError(f"size={size!r}; expected 'tiny' or 'small'")
   return cfg.validate()
+
+
+def with_engram(cfg: ModelConfig, rows_per_layer: int, layer_ids=(1,), max_ngram_size: int = 3,
+                n_head_per_ngram: int = 4, n_embed_per_ngram: int | None = None,
+                host_table: bool = False) -> ModelConfig:
+  """Add Engram memory to a preset. ``rows_per_layer`` is the table budget knob (rows of
+  one layer's hashed embedding table; memory = rows x n_embed_per_ngram/heads x 4 bytes)."""
+  e = EngramConfig(
+      engram_vocab_size=EngramConfig.vocab_sizes_for_budget(rows_per_layer, max_ngram_size,
+                                                            n_head_per_ngram),
+      max_ngram_size=max_ngram_size, n_head_per_ngram=n_head_per_ngram,
+      n_embed_per_ngram=n_embed_per_ngram or cfg.d_model // 2, layer_ids=tuple(layer_ids),
+      host_table=host_table)
+  return dataclasses.replace(cfg, use_engram=True, engram=e).validate()
 
 
 # ---------------------------------------------------------------- run configs

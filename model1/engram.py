@@ -141,16 +141,28 @@ class ShortConv(nnx.Module):
     """S: past inputs one output needs, (K-1)·dilation."""
     return (self.kernel_size - 1) * self.dilation
 
-  def __call__(self, x_BTCD: jax.Array, hist_BSCD: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x_BTCD: jax.Array, hist_BSCD: jax.Array,
+               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(SiLU(conv(RMSNorm(x))), new history). ``hist_BSCD`` holds the normalised inputs
-    of the S positions before x (zeros at the sequence start = the demo's zero padding)."""
+    of the S positions before x (zeros at the sequence start = the demo's zero padding).
+    With ``segment_ids_BT`` (packed documents) a tap that reaches into another document
+    reads zero, exactly as at a sequence start."""
     T = x_BTCD.shape[1]
     xn_BTCD = _rms_norm(x_BTCD, self.norms[...].astype(jnp.float32), self.norm_eps)
     xs_BLCD = jnp.concatenate([hist_BSCD.astype(jnp.float32), xn_BTCD], axis=1)
     w_KCD = self.conv[...].astype(jnp.float32)
-    y_BTCD = sum(w_KCD[k] * xs_BLCD[:, k * self.dilation: k * self.dilation + T]
-                 for k in range(self.kernel_size))
+    if segment_ids_BT is not None:
+      S = self.history
+      seg_BL = jnp.concatenate([jnp.full((segment_ids_BT.shape[0], S), -1,
+                                         segment_ids_BT.dtype), segment_ids_BT], axis=1)
+    taps = []
+    for k in range(self.kernel_size):
+      tap = xs_BLCD[:, k * self.dilation: k * self.dilation + T]
+      if segment_ids_BT is not None and k < self.kernel_size - 1:
+        same = seg_BL[:, k * self.dilation: k * self.dilation + T] == segment_ids_BT
+        tap = jnp.where(same[:, :, None, None], tap, 0.0)
+      taps.append(w_KCD[k] * tap)
+    y_BTCD = sum(taps)
     new_hist = xs_BLCD[:, xs_BLCD.shape[1] - self.history:]
     return jax.nn.silu(y_BTCD), new_hist
 
@@ -205,8 +217,8 @@ class Engram(nnx.Module):
                      jnp.float32)
 
   def decode_step(self, h_BTCD: jax.Array, hash_ids_BTA: jax.Array | None,
-                  state_BSCD: jax.Array, *, embeddings_BTAH: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+                  state_BSCD: jax.Array, *, embeddings_BTAH: jax.Array | None = None,
+                  segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """T new positions (T >= 1) given the conv history; returns (delta, new state).
     Chained calls equal one ``__call__`` over the concatenation."""
     if h_BTCD.ndim != 4 or h_BTCD.shape[2:] != (self.hc_mult, self.d_model):
@@ -229,18 +241,20 @@ class Engram(nnx.Module):
     v_BTD = e_BTF @ self.value_proj_weight[...].astype(jnp.float32) \
         + self.value_proj_bias[...].astype(jnp.float32)
     u_BTCD = alpha_BTC[..., None] * v_BTD[:, :, None, :]
-    conv_BTCD, state_BSCD = self.short_conv(u_BTCD, state_BSCD)
+    conv_BTCD, state_BSCD = self.short_conv(u_BTCD, state_BSCD, segment_ids_BT)
     delta_BTCD = (u_BTCD + conv_BTCD).astype(h_BTCD.dtype)
     delta_BTCD = sharding.constrain(delta_BTCD, ("batch", "activation_length", None,
                                                  "activation_embed"))
     return delta_BTCD, state_BSCD
 
   def __call__(self, h_BTCD: jax.Array, hash_ids_BTA: jax.Array | None = None, *,
-               embeddings_BTAH: jax.Array | None = None) -> jax.Array:
+               embeddings_BTAH: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """Hidden states [B, T, C, D] and hash ids [B, T, A] (or pre-gathered ``embeddings``
     [B, T, A, H]) -> delta [B, T, C, D], to be added to h by the caller."""
     delta, _ = self.decode_step(h_BTCD, hash_ids_BTA, self.init_state(h_BTCD.shape[0]),
-                                embeddings_BTAH=embeddings_BTAH)
+                                embeddings_BTAH=embeddings_BTAH,
+                                segment_ids_BT=segment_ids_BT)
     return delta
 
 

@@ -339,9 +339,14 @@ class NgramHashMapping:
     first N-1 columns are the history before them)."""
     n_max = self.max_ngram_size
     t_len = ctx_BL.shape[1] - (n_max - 1)
-    mult = self.layer_multipliers[layer_id]
     # shifted[k][:, t] = id at position t - k (the history supplies t - k < 0).
     shifted = [ctx_BL[:, n_max - 1 - k: n_max - 1 - k + t_len] for k in range(n_max)]
+    return self._mix(shifted, layer_id)
+
+  def _mix(self, shifted: list[np.ndarray], layer_id: int) -> np.ndarray:
+    """XOR-mixed n-gram hashes from shifted[k] = compressed id k positions back."""
+    n_max = self.max_ngram_size
+    mult = self.layer_multipliers[layer_id]
     mods = self._mods[layer_id]
     out_BTA = np.empty(shifted[0].shape + (len(mods),), dtype=np.int64)
     mix = shifted[0] * mult[0]
@@ -353,6 +358,21 @@ class NgramHashMapping:
         out_BTA[:, :, a] = mix % mods[a]
         a += 1
     return out_BTA
+
+  def hash_packed(self, input_ids: Any, segment_ids: Any) -> dict[int, np.ndarray]:
+    """Like ``hash`` for packed rows: an n-gram never reaches into a previous document
+    (ids from another segment read as the pad id, as before a sequence start), so each
+    document hashes exactly as if it were alone. Returns int32 ids."""
+    x_BT = self.compressed_tokenizer(np.asarray(input_ids))
+    seg_BT = np.asarray(segment_ids)
+    shifted = [x_BT]
+    for k in range(1, self.max_ngram_size):
+      sx = np.full_like(x_BT, self.pad_id)
+      sx[:, k:] = x_BT[:, :-k]
+      ss = np.full_like(seg_BT, -1)
+      ss[:, k:] = seg_BT[:, :-k]
+      shifted.append(np.where(ss == seg_BT, sx, self.pad_id))
+    return {lid: self._mix(shifted, lid).astype(np.int32) for lid in self.layer_ids}
 
   def init_state(self, batch: int) -> np.ndarray:
     """History for ``hash_step``: [B, S=N-1] compressed pad ids (nothing seen yet)."""

@@ -24,6 +24,7 @@ from flax import nnx
 
 from model1 import checkpoint, data, long_context, optim, sharding, steps
 from model1.config import model_config_from_dict
+from model1.engram_hash import NgramHashMapping
 from model1.model import Transformer
 
 
@@ -41,6 +42,9 @@ def optim_config(t) -> optim.OptimConfig:
 
 def build_model_and_optimizer(model_cfg, train_cfg, mesh, seed: int):
   """Model and optimizer created directly in their sharded layout."""
+  if model_cfg.use_moe and mesh is not None:
+    model_cfg.moe.validate(model_cfg.n_layers - model_cfg.n_dense_layers,
+                           mesh.shape.get("expert", 1))
   tx = optim.make_optimizer(optim_config(train_cfg))
 
   def build():
@@ -54,12 +58,11 @@ def put_batch(batch: dict, mesh) -> dict:
   computes the same global batch (a pure function of seed and step) and contributes the
   slices it owns, so this also works multi-host."""
   if mesh is None:
-    return {k: jnp.asarray(v) for k, v in batch.items()}
-  out = {}
-  for k, v in batch.items():
+    return jax.tree.map(jnp.asarray, batch)
+  def one(v):
     shd = sharding.batch_sharding(mesh, v.shape)
-    out[k] = jax.make_array_from_callback(v.shape, shd, lambda idx, v=v: v[idx])
-  return out
+    return jax.make_array_from_callback(v.shape, shd, lambda idx: v[idx])
+  return jax.tree.map(one, batch)
 
 
 def load_dataset(cfg) -> data.Dataset:
@@ -70,7 +73,25 @@ def load_dataset(cfg) -> data.Dataset:
                       val_percent=d.val_percent, cache_dir=d.cache_dir or None)
 
 
-def train_batch(ds: data.Dataset, step: int, cfg) -> dict:
+def engram_mapping(model_cfg, ds: data.Dataset):
+  """Host-side n-gram hasher for Engram models (None otherwise), built from the run's
+  own tokenizer."""
+  if not model_cfg.use_engram:
+    return None
+  tok = getattr(ds.tokenizer, "tok", ds.tokenizer)
+  return NgramHashMapping(model_cfg.engram, tok)
+
+
+def add_host_inputs(batch: dict, mapping) -> dict:
+  """Inputs computed on the host from token ids before jit (Engram hash ids per layer,
+  hashed per document so packed rows never mix documents)."""
+  if mapping is not None:
+    batch = dict(batch, engram_hash={str(k): v for k, v in mapping.hash_packed(
+        batch["inputs"], batch["segment_ids"]).items()})
+  return batch
+
+
+def train_batch(ds: data.Dataset, step: int, cfg, mapping=None) -> dict:
   """The text batch for ``step``, with synthetic long-context rows mixed in at
   ``data.synthetic_ratio`` (deterministic in seed and step)."""
   batch = ds.batch(step)
@@ -78,13 +99,14 @@ def train_batch(ds: data.Dataset, step: int, cfg) -> dict:
   if ratio > 0:
     tv = long_context.TaskVocab(cfg.model.vocab_size)
     batch = long_context.mix_into_batch(batch, step, ratio, tv, seed=cfg.seed)
-  return batch
+  return add_host_inputs(batch, mapping)
 
 
-def evaluate(model, ds: data.Dataset, mesh, n_batches: int) -> float:
+def evaluate(model, ds: data.Dataset, mesh, n_batches: int, mapping=None) -> float:
   tot, n = 0.0, 0.0
   for i in range(min(n_batches, ds.num_val_batches())):
-    out = steps.eval_step(model, put_batch(ds.batch(i, "val"), mesh))
+    batch = add_host_inputs(ds.batch(i, "val"), mapping)
+    out = steps.eval_step(model, put_batch(batch, mesh))
     tot += float(out["loss_sum"])
     n += float(out["tokens"])
   return tot / max(n, 1.0)
@@ -150,6 +172,7 @@ def run(cfg, workdir: str | Path) -> dict:
     raise ValueError(f"data.seq_len={cfg.data.seq_len}; expected at most model.max_seq_len="
                      f"{model_cfg.max_seq_len}")
   checkpoint.write_provenance(workdir, cfg.to_dict(), ds.manifest)
+  mapping = engram_mapping(model_cfg, ds)
   model, opt = build_model_and_optimizer(model_cfg, t, mesh, cfg.seed)
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   rng = jax.random.key(cfg.seed)
@@ -181,7 +204,7 @@ def run(cfg, workdir: str | Path) -> dict:
           summary["preempted"] = True
           print(f"\nreceived signal {stop.signum}: checkpoint saved at step {step}", flush=True)
           break
-        batch = train_batch(ds, step, cfg)
+        batch = train_batch(ds, step, cfg, mapping)
         steps.check_batch(batch, model_cfg)
         out = steps.train_step(model, opt, put_batch(batch, mesh), grad_accum=t.grad_accum)
         done = step + 1
@@ -195,7 +218,7 @@ def run(cfg, workdir: str | Path) -> dict:
                  "tokens_per_s": (done - last_step) * tokens_per_step / (now - last_t)}
           row.update(flat_metrics(out))
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-            row["val_loss"] = evaluate(model, ds, mesh, t.eval_batches)
+            row["val_loss"] = evaluate(model, ds, mesh, t.eval_batches, mapping)
           mf.write(json.dumps(row) + "\n")
           mf.flush()
           if bar is not None:

@@ -29,6 +29,10 @@ def shrink(cfg, seq_len=32, batch_size=4):
   m.attention.o_groups, m.attention.o_lora_rank = 2, 32
   m.max_seq_len = max(seq_len, 64)
   m.dtype = "float32"
+  if m.get("use_engram"):
+    m.engram.layer_ids = tuple(i for i in m.engram.layer_ids if i < m.n_layers) or (0,)
+  if m.attention.get("compress_ratios"):
+    m.attention.compress_ratios = tuple(m.attention.compress_ratios)[:m.n_layers + 1]
   cfg.data.seq_len, cfg.data.batch_size = seq_len, batch_size
   cfg.train.progress = False
   return cfg

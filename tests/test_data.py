@@ -85,7 +85,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     config.model_config_from_dict({"attention": {"geometry": "mla"}})
   with pytest.raises(ValueError, match=r"n_heads=6 is not divisible by attention.o_groups=4"):
     config.model_config_from_dict({"attention": {"n_heads": 6, "o_groups": 4}})
-  with pytest.raises(ValueError, match=r"head_dim=64 must exceed rope.dim=64"):
-    config.model_config_from_dict({"attention": {"head_dim": 64}})
+  with pytest.raises(ValueError, match=r"head_dim=32 must be at least rope.dim=64"):
+    config.model_config_from_dict({"attention": {"head_dim": 32}})
   with pytest.raises(ValueError, match=r"unknown config field"):
     config.model_config_from_dict({"d_modle": 3})

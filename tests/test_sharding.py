@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec
 from conftest import shrink
 from model1 import config, sharding, steps, trainer
 
-MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=4, tensor=2),
-          dict(data=2, fsdp=2, tensor=2)]
+MESHES = [dict(data=8, fsdp=1, tensor=1, expert=1), dict(data=1, fsdp=4, tensor=2, expert=1),
+          dict(data=2, fsdp=2, tensor=2, expert=1), dict(data=2, fsdp=1, tensor=1, expert=4)]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,11 @@ def setup(tiny_cfg, dataset):
 @pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(map(str, a.values())))
 def test_sharded_step_matches_single_device(setup, axes):
   cfg, mcfg, batch, loss1, params1 = setup
-  mesh = sharding.make_mesh(**axes, expert=1)
+  mesh = sharding.make_mesh(**axes)
   model, opt = trainer.build_model_and_optimizer(mcfg, cfg.train, mesh, 0)
+  if axes["expert"] > 1:  # experts really are split over the expert axis
+    w1 = model.layers[1].ffn.experts.w1[...]
+    assert w1.sharding.spec[0] == "expert", w1.sharding.spec
   for path, v in jax.tree.leaves_with_path(nnx.state(model, nnx.Param),
                                            is_leaf=lambda x: isinstance(x, nnx.Variable)):
     want = sharding.logical_to_spec(v.logical_axes, mesh, v.shape)
@@ -53,6 +56,15 @@ def test_rules_shard_what_they_say(setup):
   assert model.embed.weight[...].sharding.spec == PartitionSpec("tensor", "fsdp")
   # MLA's single shared KV vector is never split over tensor
   assert a.wkv.weight[...].sharding.spec == PartitionSpec("fsdp", None)
+
+
+def test_experts_must_divide_the_expert_axis(setup):
+  cfg, mcfg, *_ = setup
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, expert=-1)  # 8-way expert axis
+  bad = config.model_config_from_dict(dict(cfg.model.to_dict(), moe=dict(
+      cfg.model.moe.to_dict(), n_routed_experts=6, n_activated_experts=2)))
+  with pytest.raises(ValueError, match="expert"):
+    trainer.build_model_and_optimizer(bad, cfg.train, mesh, 0)
 
 
 def test_mesh_must_match_device_count():
