@@ -47,6 +47,7 @@ tells the train step when that happened (e.g. to apply MoE bias updates then).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -256,7 +257,24 @@ def _muon(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """The full transformation (clip -> AdamW | Muon+AdamW partition -> MultiSteps)."""
+  """The full transformation (clip -> AdamW | Muon+AdamW partition -> MultiSteps).
+
+  Memoised on the (frozen, hashable) config: optax transformations are stateless, and
+  ``nnx.Optimizer`` keeps ``tx`` as a static graph attribute, so returning the same
+  object for equal configs makes optimizers built for several seeds / runs in one
+  process compare equal and reuse one compiled train step (model1.ablate relies on it)."""
+  try:
+    return _make_optimizer_cached(cfg)
+  except TypeError:  # an unhashable field (e.g. a list of names): build uncached
+    return _make_optimizer(cfg)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_optimizer_cached(cfg: OptimConfig) -> optax.GradientTransformation:
+  return _make_optimizer(cfg)
+
+
+def _make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   if cfg.muon:
     names = cfg.adamw_names
     body = optax.partition({"muon": _muon(cfg), "adamw": _adamw(cfg)},
