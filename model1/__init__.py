@@ -14,6 +14,7 @@ Shape-suffix letter key (tensor names and einsum letters use the same letters):
   E  experts                    C  residual streams (mHC)        I  indexer heads
   J  indexer head dim           M  compressed entries            W  window slots
   X  top-k selected             Z  page blocks                   Y  tokens per page block
+  A  query rows of one chunk    U  keys of one attention source (window band, entries)
 """
 
 __version__ = "0.1.0"

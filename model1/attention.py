@@ -210,10 +210,10 @@ class MLA(nnx.Module):
   def d_v(self) -> int:
     return self.cfg.kv_lora_rank if self.cfg.geometry == "v32" else self.cfg.head_dim
 
-  def _sow_kl(self, p_BTL, scores_BTL, valid_BTL):
+  def _sow_kl(self, p_BTU, scores_BTU, valid_BTU):
     if self.cfg.index_kl_weight > 0:
       self.sow(AuxLoss, "indexer_kl",
-               self.cfg.index_kl_weight * kl_loss(p_BTL, scores_BTL, valid_BTL))
+               self.cfg.index_kl_weight * kl_loss(p_BTU, scores_BTU, valid_BTU))
 
   def _forward_dsa(self, x_BTD, positions_BT, seg_BT):
     """V3.2 DSA: MQA-form attention over the indexer's top-k tokens (dense in warm-up)."""
@@ -226,27 +226,27 @@ class MLA(nnx.Module):
     k_BSJ = self.indexer.keys(x_in, positions_BT)
     qi_BTIJ, wi_BTI = self.indexer.queries(x_in, qr_in, positions_BT)
     rows_S = jnp.arange(T)
-    vis = lambda c0, C, seg_BC: visible(c0 + jnp.arange(C), seg_BC, rows_S, seg_BT)
+    vis = lambda c0, C, seg_BA: visible(c0 + jnp.arange(C), seg_BA, rows_S, seg_BT)
     sink = self.sink()
     if c.dsa_stage == "warmup":  # dense attention; the KL sees every visible key (T^2)
       def chunk_fn(c0, qs):
-        m_BCS = vis(c0, qs["q"].shape[1], qs["seg"])
-        o, (p_BCS,) = attend_sources(qs["q"], [(kv_BSH, m_BCS)], self.scale, sink, self.d_v)
-        return o, p_BCS, index_scores(qs["qi"], k_BSJ, qs["wi"]), m_BCS
-      o_BTNV, p_BTL, s_BTL, valid_BTL = over_query_chunks(
+        m_BAS = vis(c0, qs["q"].shape[1], qs["seg"])
+        o, (p_BAS,) = attend_sources(qs["q"], [(kv_BSH, m_BAS)], self.scale, sink, self.d_v)
+        return o, p_BAS, index_scores(qs["qi"], k_BSJ, qs["wi"]), m_BAS
+      o_BTNV, p_BTU, s_BTU, valid_BTU = over_query_chunks(
           chunk_fn, {"q": q_BTNH, "seg": seg_BT, "qi": qi_BTIJ, "wi": wi_BTI}, T, c.attn_chunk)
     else:
-      idx_BTX, valid_BTL = select_topk(qi_BTIJ, k_BSJ, wi_BTI, seg_BT, vis, c.index_topk,
+      idx_BTX, valid_BTU = select_topk(qi_BTIJ, k_BSJ, wi_BTI, seg_BT, vis, c.index_topk,
                                        c.attn_chunk)
       def chunk_fn(c0, qs):
-        k_BCXH = gather_rows(kv_BSH, qs["idx"])
-        o, (p_BCX,) = attend_sources(qs["q"], [(k_BCXH, qs["ok"])], self.scale, sink,
+        k_BAXH = gather_rows(kv_BSH, qs["idx"])
+        o, (p_BAX,) = attend_sources(qs["q"], [(k_BAXH, qs["ok"])], self.scale, sink,
                                      self.d_v)
-        return o, p_BCX
-      o_BTNV, p_BTL = over_query_chunks(
-          chunk_fn, {"q": q_BTNH, "idx": idx_BTX, "ok": valid_BTL}, T, c.attn_chunk)
-      s_BTL = index_scores(qi_BTIJ, gather_rows(k_BSJ, idx_BTX), wi_BTI)
-    self._sow_kl(p_BTL, s_BTL, valid_BTL)
+        return o, p_BAX, index_scores(qs["qi"], gather_rows(k_BSJ, qs["idx"]), qs["wi"])
+      o_BTNV, p_BTU, s_BTU = over_query_chunks(
+          chunk_fn, {"q": q_BTNH, "idx": idx_BTX, "ok": valid_BTU, "qi": qi_BTIJ,
+                     "wi": wi_BTI}, T, c.attn_chunk)
+    self._sow_kl(p_BTU, s_BTU, valid_BTU)
     o_BTNV = sharding.constrain(o_BTNV, _HEADS)
     return self.decode_output(o_BTNV, positions_BT), {"kv": kv_BSH, "index_k": k_BSJ}
 
@@ -261,43 +261,42 @@ class MLA(nnx.Module):
     C = min(c.attn_chunk, T)
     band = band_keys(kv_BSH, seg_BT, W, -(-T // C) * C)
     qs = {"q": q_BTNH, "seg": seg_BT}
-    M = T // r if r else 0
+    M = T // r if r else 0                            # complete blocks (may be 0)
     csa, sparse = r == 4 and M > 0, c.dsa_stage == "sparse"
-    if M:
+    if r:
       comp_BMH, cseg_BM, (ckv, csc) = self.compressor(x_BTD, positions_BT, seg_BT)
       crow_M = (jnp.arange(M) + 1) * r - 1          # an entry is complete at its last row
       out.update(comp=comp_BMH, ckv=ckv, cscore=csc)
-    if csa:
+    if r == 4:
       x_in, qr_in = jax.lax.stop_gradient((x_BTD, qr_BTQ))
       ik_BMJ, iseg_BM, (ikv, isc) = self.indexer.compressor(x_in, positions_BT, seg_BT)
-      qs["qi"], qs["wi"] = self.indexer.queries(x_in, qr_in, positions_BT)
       out.update(icomp=ik_BMJ, ickv=ikv, icscore=isc)
+    if csa:
+      qs["qi"], qs["wi"] = self.indexer.queries(x_in, qr_in, positions_BT)
       if sparse:
-        vis = lambda c0, Cq, seg_BC: visible(c0 + jnp.arange(Cq), seg_BC, crow_M, iseg_BM)
+        vis = lambda c0, Cq, seg_BA: visible(c0 + jnp.arange(Cq), seg_BA, crow_M, iseg_BM)
         qs["idx"], qs["ok"] = select_topk(qs["qi"], ik_BMJ, qs["wi"], seg_BT, vis,
                                           c.index_topk, c.attn_chunk)
 
     def chunk_fn(c0, qc):
       Cq = qc["q"].shape[1]
-      qrow_C = c0 + jnp.arange(Cq)
-      k_BLH, seg_BL, row_L = band_slice(band, W, c0, Cq)
-      srcs = [(k_BLH, visible(qrow_C, qc["seg"], row_L, seg_BL, W))]
+      qrow_A = c0 + jnp.arange(Cq)
+      k_BUH, seg_BU, row_U = band_slice(band, W, c0, Cq)
+      srcs = [(k_BUH, visible(qrow_A, qc["seg"], row_U, seg_BU, W))]
       if M and csa and sparse:
         srcs.append((gather_rows(comp_BMH, qc["idx"]), qc["ok"]))
       elif M:
-        srcs.append((comp_BMH, visible(qrow_C, qc["seg"], crow_M, cseg_BM)))
+        srcs.append((comp_BMH, visible(qrow_A, qc["seg"], crow_M, cseg_BM)))
       o, probs = attend_sources(qc["q"], srcs, self.scale, self.sink(), c.head_dim)
       if not csa:
         return (o,)
-      if sparse:
-        return o, probs[1]
+      if sparse:  # the KL over the selected entries only
+        ik_BAXJ = gather_rows(ik_BMJ, qc["idx"])
+        return o, probs[1], index_scores(qc["qi"], ik_BAXJ, qc["wi"]), qc["ok"]
       return o, probs[1], index_scores(qc["qi"], ik_BMJ, qc["wi"]), srcs[1][1]
 
     res = over_query_chunks(chunk_fn, qs, T, c.attn_chunk)
-    if csa and sparse:
-      s_BTX = index_scores(qs["qi"], gather_rows(ik_BMJ, qs["idx"]), qs["wi"])
-      self._sow_kl(res[1], s_BTX, qs["ok"])
-    elif csa:
+    if csa:
       self._sow_kl(*res[1:])
     o_BTNH = sharding.constrain(res[0], _HEADS)
     return self._model1_output(o_BTNH, positions_BT), out

@@ -69,20 +69,20 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKV: jax.Array, mask_BTS: ja
 # Memory is O(C x keys per query) per chunk and O(T x keys per query) overall.
 
 
-def visible(q_row_C: jax.Array, q_seg_BC: jax.Array, k_row_L: jax.Array, k_seg_BL: jax.Array,
+def visible(q_row_A: jax.Array, q_seg_BA: jax.Array, k_row_U: jax.Array, k_seg_BU: jax.Array,
             window: int | None = None) -> jax.Array:
-  """[B,C,L] bool: key visible iff same non-zero segment, its last row <= the query row
+  """[B,A,U] bool: key visible iff same non-zero segment, its last row <= the query row
   (a compressed entry's last row is that of its block's last token) and, with a window,
   the key row > query row - window."""
-  ok = (q_seg_BC[:, :, None] == k_seg_BL[:, None, :]) & (q_seg_BC[:, :, None] != 0)
-  ok &= k_row_L[None, None, :] <= q_row_C[None, :, None]
+  ok = (q_seg_BA[:, :, None] == k_seg_BU[:, None, :]) & (q_seg_BA[:, :, None] != 0)
+  ok &= k_row_U[None, None, :] <= q_row_A[None, :, None]
   if window is not None:
-    ok &= k_row_L[None, None, :] > q_row_C[None, :, None] - window
+    ok &= k_row_U[None, None, :] > q_row_A[None, :, None] - window
   return ok
 
 
 def over_query_chunks(fn: Callable, q_side: dict, T: int, chunk: int):
-  """Run ``fn(c0, q_chunk) -> pytree of [B, C, ...]`` over query chunks of ``chunk`` rows.
+  """Run ``fn(c0, q_chunk) -> pytree of [B, A, ...]`` over query chunks of ``chunk`` rows.
 
   ``q_side`` holds the query-indexed inputs [B, T, ...] (padded to a multiple of C with
   zeros: segment 0 rows see nothing); outputs are stitched back to [B, T, ...]."""
@@ -114,22 +114,22 @@ def band_slice(padded, window: int, c0, C: int):
   """Keys of rows [c0-W+1, c0+C) (shared by the chunk) and their rows."""
   kv_pad, seg_pad = padded
   L = C + window - 1
-  k_BLH = jax.lax.dynamic_slice_in_dim(kv_pad, c0, L, axis=1)
-  seg_BL = jax.lax.dynamic_slice_in_dim(seg_pad, c0, L, axis=1)
-  return k_BLH, seg_BL, c0 - window + 1 + jnp.arange(L)
+  k_BUH = jax.lax.dynamic_slice_in_dim(kv_pad, c0, L, axis=1)
+  seg_BU = jax.lax.dynamic_slice_in_dim(seg_pad, c0, L, axis=1)
+  return k_BUH, seg_BU, c0 - window + 1 + jnp.arange(L)
 
 
-def attend_sources(q_BCNH: jax.Array, sources, scale: float, sink_N: jax.Array | None,
+def attend_sources(q_BANH: jax.Array, sources, scale: float, sink_N: jax.Array | None,
                    d_v: int):
   """One softmax over several key sources, value = the key's first ``d_v`` dims.
 
-  ``sources``: list of (keys, mask_BCL): keys [B,L,H] shared by all queries of the chunk
-  or [B,C,L,H] per query. Returns (out [B,C,N,d_v] in q's dtype, per-source attention
-  summed over heads [B,C,L] fp32 — the indexer's KL target)."""
+  ``sources``: list of (keys, mask_BAU): keys [B,U,H] shared by all queries of the chunk
+  or [B,A,U,H] per query. Returns (out [B,A,N,d_v] in q's dtype, per-source attention
+  summed over heads [B,A,U] fp32 — the indexer's KL target)."""
   logits = []
   for k, m in sources:
-    spec = "bcnh,blh->bcnl" if k.ndim == 3 else "bcnh,bclh->bcnl"
-    lg = jnp.einsum(spec, q_BCNH, k, preferred_element_type=jnp.float32) * scale
+    spec = "banh,buh->banu" if k.ndim == 3 else "banh,bauh->banu"
+    lg = jnp.einsum(spec, q_BANH, k, preferred_element_type=jnp.float32) * scale
     logits.append(jnp.where(m[:, :, None, :], lg, -jnp.inf))
   lg = jnp.concatenate(logits, axis=-1)
   mx = jnp.max(lg, axis=-1, keepdims=True)
@@ -147,15 +147,15 @@ def attend_sources(q_BCNH: jax.Array, sources, scale: float, sink_N: jax.Array |
     L = k.shape[-2]
     p_s = p[..., start:start + L]
     start += L
-    spec = "bcnl,blv->bcnv" if k.ndim == 3 else "bcnl,bclv->bcnv"
+    spec = "banu,buv->banv" if k.ndim == 3 else "banu,bauv->banv"
     out = out + jnp.einsum(spec, p_s.astype(k.dtype), k[..., :d_v],
                            preferred_element_type=jnp.float32)
     probs.append(jnp.sum(p_s, axis=2))
-  return out.astype(q_BCNH.dtype), probs
+  return out.astype(q_BANH.dtype), probs
 
 
-def gather_rows(kv_BSH: jax.Array, idx_BCX: jax.Array) -> jax.Array:
-  """kv rows picked per query: [B,C,X,H] (indices clipped; callers mask invalid ones)."""
-  B, C, X = idx_BCX.shape
-  flat = jnp.clip(idx_BCX, 0, kv_BSH.shape[1] - 1).reshape(B, C * X)
+def gather_rows(kv_BSH: jax.Array, idx_BAX: jax.Array) -> jax.Array:
+  """kv rows picked per query: [B,A,X,H] (indices clipped; callers mask invalid ones)."""
+  B, C, X = idx_BAX.shape
+  flat = jnp.clip(idx_BAX, 0, kv_BSH.shape[1] - 1).reshape(B, C * X)
   return jnp.take_along_axis(kv_BSH, flat[..., None], axis=1).reshape(B, C, X, -1)

@@ -57,9 +57,9 @@ class Compressor(nnx.Module):
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array):
     """Per-token kv and gate score (+ ape by position mod r), fp32 [B,T,coff*H]."""
     x32 = x_BTD.astype(jnp.float32)
-    kv_BTC = self.wkv(x32)
-    score_BTC = self.wgate(x32) + self.ape[...][positions_BT % self.ratio]
-    return kv_BTC, score_BTC
+    kv_BTH = self.wkv(x32)
+    score_BTH = self.wgate(x32) + self.ape[...][positions_BT % self.ratio]
+    return kv_BTH, score_BTH
 
   def finish(self, pooled_BMH: jax.Array, pos_BM: jax.Array, dtype) -> jax.Array:
     """RMSNorm, RoPE at the entry position, QAT rounding -> entries in ``dtype``."""
@@ -77,45 +77,49 @@ class Compressor(nnx.Module):
     r, H = self.ratio, self.head_dim
     B, T, _ = x_BTD.shape
     M = T // r
-    kv_BTC, score_BTC = self.project(x_BTD, positions_BT)
-    kv_BMRC = kv_BTC[:, :M * r].reshape(B, M, r, -1)
-    sc_BMRC = score_BTC[:, :M * r].reshape(B, M, r, -1)
+    kv_BTH, score_BTH = self.project(x_BTD, positions_BT)
+    if M == 0:  # shorter than one block: nothing to emit yet
+      return (jnp.zeros((B, 0, H), x_BTD.dtype), jnp.zeros((B, 0), segment_ids_BT.dtype),
+              (kv_BTH, score_BTH))
+    kv_BMRH = kv_BTH[:, :M * r].reshape(B, M, r, -1)
+    sc_BMRH = score_BTH[:, :M * r].reshape(B, M, r, -1)
     seg_BMR = segment_ids_BT[:, :M * r].reshape(B, M, r)
     # segments are contiguous: a block lies in one segment iff its ends agree
     seg_BM = jnp.where(seg_BMR[..., 0] == seg_BMR[..., -1], seg_BMR[..., -1], 0)
     if self.overlap:
-      prev_kv = jnp.pad(kv_BMRC[:, :-1, :, :H], ((0, 0), (1, 0), (0, 0), (0, 0)))
-      prev_sc = jnp.pad(sc_BMRC[:, :-1, :, :H], ((0, 0), (1, 0), (0, 0), (0, 0)))
+      prev_kv = jnp.pad(kv_BMRH[:, :-1, :, :H], ((0, 0), (1, 0), (0, 0), (0, 0)))
+      prev_sc = jnp.pad(sc_BMRH[:, :-1, :, :H], ((0, 0), (1, 0), (0, 0), (0, 0)))
       prev_seg = jnp.pad(seg_BMR[:, :-1], ((0, 0), (1, 0), (0, 0)))  # block -1: segment 0
       prev_sc = jnp.where((prev_seg == seg_BM[..., None])[..., None], prev_sc, -jnp.inf)
-      kv_BMRC = jnp.concatenate([prev_kv, kv_BMRC[..., H:]], axis=2)   # [B,M,2r,H]
-      sc_BMRC = jnp.concatenate([prev_sc, sc_BMRC[..., H:]], axis=2)
-    pooled_BMH = jnp.sum(kv_BMRC * jax.nn.softmax(sc_BMRC, axis=2), axis=2)
+      kv_BMRH = jnp.concatenate([prev_kv, kv_BMRH[..., H:]], axis=2)   # [B,M,2r,H]
+      sc_BMRH = jnp.concatenate([prev_sc, sc_BMRH[..., H:]], axis=2)
+    pooled_BMH = jnp.sum(kv_BMRH * jax.nn.softmax(sc_BMRH, axis=2), axis=2)
     pos_BM = positions_BT[:, :M * r:r] if M else jnp.zeros((B, 0), positions_BT.dtype)
-    return self.finish(pooled_BMH, pos_BM, x_BTD.dtype), seg_BM, (kv_BTC, score_BTC)
+    return self.finish(pooled_BMH, pos_BM, x_BTD.dtype), seg_BM, (kv_BTH, score_BTH)
 
   # ------------------------------------------------------------------ decode
   def step(self, x_B1D, pos_B, state, dtype):
     """One token per sequence at ``pos_B``: update the state; returns (entry [B,H]
     (meaningful where ``emit_B``), emit_B = (pos+1) % r == 0, new state)."""
     r, H = self.ratio, self.head_dim
-    kv_BC, sc_BC = (a[:, 0] for a in self.project(x_B1D, pos_B[:, None]))
-    kv_BSC, sc_BSC = state
+    kv_BH, sc_BH = (a[:, 0] for a in self.project(x_B1D, pos_B[:, None]))
+    kv_BSH, sc_BSH = state
     slot_B = pos_B % r + (r if self.overlap else 0)
     put = lambda s, v: s.at[jnp.arange(s.shape[0]), slot_B].set(v)
-    kv_BSC, sc_BSC = put(kv_BSC, kv_BC), put(sc_BSC, sc_BC)
+    kv_BSH, sc_BSH = put(kv_BSH, kv_BH), put(sc_BSH, sc_BH)
     if self.overlap:
-      kv_pool = jnp.concatenate([kv_BSC[:, :r, :H], kv_BSC[:, r:, H:]], axis=1)
-      sc_pool = jnp.concatenate([sc_BSC[:, :r, :H], sc_BSC[:, r:, H:]], axis=1)
+      kv_pool = jnp.concatenate([kv_BSH[:, :r, :H], kv_BSH[:, r:, H:]], axis=1)
+      sc_pool = jnp.concatenate([sc_BSH[:, :r, :H], sc_BSH[:, r:, H:]], axis=1)
     else:
-      kv_pool, sc_pool = kv_BSC, sc_BSC
+      kv_pool, sc_pool = kv_BSH, sc_BSH
     pooled_BH = jnp.sum(kv_pool * jax.nn.softmax(sc_pool, axis=1), axis=1)
     entry_BH = self.finish(pooled_BH[:, None], (pos_B + 1 - r)[:, None], dtype)[:, 0]
     emit_B = (pos_B + 1) % r == 0
     if self.overlap:  # a finished block becomes the "previous" half of the next entry
-      shift = lambda s: jnp.where(emit_B[:, None, None], jnp.concatenate([s[:, r:], s[:, r:]], 1), s)
-      kv_BSC, sc_BSC = shift(kv_BSC), shift(sc_BSC)
-    return entry_BH, emit_B, (kv_BSC, sc_BSC)
+      shift = lambda s: jnp.where(emit_B[:, None, None],
+                                  jnp.concatenate([s[:, r:], s[:, r:]], axis=1), s)
+      kv_BSH, sc_BSH = shift(kv_BSH), shift(sc_BSH)
+    return entry_BH, emit_B, (kv_BSH, sc_BSH)
 
 
 def empty_state(batch: int, ratio: int, head_dim: int):
@@ -125,7 +129,7 @@ def empty_state(batch: int, ratio: int, head_dim: int):
   return jnp.zeros(shape, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32)
 
 
-def prefill_state(kv_BTC: jax.Array, score_BTC: jax.Array, lens_B: jax.Array, ratio: int):
+def prefill_state(kv_BTH: jax.Array, score_BTH: jax.Array, lens_B: jax.Array, ratio: int):
   """The decode state after prompts of ``lens_B`` tokens (V4's prefill bookkeeping): the
   tokens of the unfinished block, and (overlap) those of the last complete block."""
   r = ratio
@@ -133,6 +137,6 @@ def prefill_state(kv_BTC: jax.Array, score_BTC: jax.Array, lens_B: jax.Array, ra
   if r == 4:
     rows_BS = jnp.concatenate([rows_BS - r, rows_BS], axis=1)           # previous block
   ok_BS1 = ((rows_BS >= 0) & (rows_BS < lens_B[:, None]))[..., None]
-  idx_BS1 = jnp.clip(rows_BS, 0, kv_BTC.shape[1] - 1)[..., None]
-  return (jnp.where(ok_BS1, jnp.take_along_axis(kv_BTC, idx_BS1, axis=1), 0.0),
-          jnp.where(ok_BS1, jnp.take_along_axis(score_BTC, idx_BS1, axis=1), -jnp.inf))
+  idx_BS1 = jnp.clip(rows_BS, 0, kv_BTH.shape[1] - 1)[..., None]
+  return (jnp.where(ok_BS1, jnp.take_along_axis(kv_BTH, idx_BS1, axis=1), 0.0),
+          jnp.where(ok_BS1, jnp.take_along_axis(score_BTH, idx_BS1, axis=1), -jnp.inf))

@@ -125,43 +125,43 @@ class CSAIndexer(_IndexerQuery):
 
 # ---------------------------------------------------------------- scores and selection
 
-def index_scores(q_BCIJ, k_BSJ, w_BCI) -> jax.Array:
-  """I[c, s] = sum_h w[c, h] ReLU(q[c, h] . k[s]) -> [B,C,S] fp32 (k may be [B,C,S,J])."""
-  spec = "bcij,bsj->bcis" if k_BSJ.ndim == 3 else "bcij,bcsj->bcis"
-  dots = jnp.einsum(spec, q_BCIJ.astype(jnp.float32), k_BSJ.astype(jnp.float32))
-  return jnp.einsum("bcis,bci->bcs", jax.nn.relu(dots), w_BCI.astype(jnp.float32))
+def index_scores(q_BAIJ, k_BSJ, w_BAI) -> jax.Array:
+  """I[c, s] = sum_h w[c, h] ReLU(q[c, h] . k[s]) -> [B,A,S] fp32 (k may be [B,A,S,J])."""
+  spec = "baij,bsj->bais" if k_BSJ.ndim == 3 else "baij,basj->bais"
+  dots = jnp.einsum(spec, q_BAIJ.astype(jnp.float32), k_BSJ.astype(jnp.float32))
+  return jnp.einsum("bais,bai->bas", jax.nn.relu(dots), w_BAI.astype(jnp.float32))
 
 
 def select_topk(q_BTIJ, k_BSJ, w_BTI, seg_BT, visible_fn, topk: int, chunk: int):
   """Top-k visible keys per query, chunked over queries (memory O(C x S) per chunk).
 
-  ``visible_fn(c0, C, seg_BC) -> [B,C,S]``. Returns (indices [B,T,X] int32, valid [B,T,X])
+  ``visible_fn(c0, C, seg_BA) -> [B,A,S]``. Returns (indices [B,T,X] int32, valid [B,T,X])
   with X = min(topk, S); a query with fewer than X visible keys gets invalid slots."""
   X = min(topk, k_BSJ.shape[1])
   q_BTIJ, k_BSJ, w_BTI = jax.lax.stop_gradient((q_BTIJ, k_BSJ, w_BTI))
 
   def chunk_fn(c0, qs):
-    s_BCS = index_scores(qs["q"], k_BSJ, qs["w"])
-    s_BCS = jnp.where(visible_fn(c0, qs["q"].shape[1], qs["seg"]), s_BCS, -jnp.inf)
-    val_BCX, idx_BCX = jax.lax.top_k(s_BCS, X)
-    return idx_BCX.astype(jnp.int32), val_BCX > -jnp.inf
+    s_BAS = index_scores(qs["q"], k_BSJ, qs["w"])
+    s_BAS = jnp.where(visible_fn(c0, qs["q"].shape[1], qs["seg"]), s_BAS, -jnp.inf)
+    val_BAX, idx_BAX = jax.lax.top_k(s_BAS, X)
+    return idx_BAX.astype(jnp.int32), val_BAX > -jnp.inf
 
   return over_query_chunks(chunk_fn, {"q": q_BTIJ, "w": w_BTI, "seg": seg_BT},
                            q_BTIJ.shape[1], chunk)
 
 
-def kl_loss(p_BTL: jax.Array, scores_BTL: jax.Array, valid_BTL: jax.Array) -> jax.Array:
+def kl_loss(p_BTU: jax.Array, scores_BTU: jax.Array, valid_BTU: jax.Array) -> jax.Array:
   """mean_t KL(p_t || softmax(I_t)) over the keys in ``valid`` (the KL target p is the
   main attention summed over heads; it is L1-normalised here and never differentiated)."""
-  p = jax.lax.stop_gradient(jnp.where(valid_BTL, p_BTL, 0.0))
+  p = jax.lax.stop_gradient(jnp.where(valid_BTU, p_BTU, 0.0))
   tot = jnp.sum(p, -1, keepdims=True)
   p = p / jnp.where(tot > 0, tot, 1.0)
-  s = jnp.where(valid_BTL, scores_BTL, -jnp.inf)
+  s = jnp.where(valid_BTU, scores_BTU, -jnp.inf)
   mx = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  logz = mx + jnp.log(jnp.sum(jnp.where(valid_BTL, jnp.exp(s - mx), 0.0), -1, keepdims=True)
+  logz = mx + jnp.log(jnp.sum(jnp.where(valid_BTU, jnp.exp(s - mx), 0.0), -1, keepdims=True)
                       + 1e-30)
-  logq = jnp.where(valid_BTL, s - logz, 0.0)
+  logq = jnp.where(valid_BTU, s - logz, 0.0)
   kl_BT = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0), -1)
   rows = (tot[..., 0] > 0).astype(jnp.float32)
   return jnp.sum(kl_BT * rows) / jnp.maximum(jnp.sum(rows), 1.0)

@@ -236,7 +236,8 @@ def write_prefill(layer, kv, block_table_BZ: jax.Array, lens_B: jax.Array):
   if r:
     Mx, M = layer.comp.block_size, kv["comp"].shape[1]
     done_BM = jnp.arange(M)[None] < (lens_B // r)[:, None]          # complete blocks only
-    new["comp"] = write_layer(layer.comp, kv["comp"], jnp.where(done_BM, b_B1 * Mx + jnp.arange(M), -1))
+    new["comp"] = write_layer(layer.comp, kv["comp"],
+                              jnp.where(done_BM, b_B1 * Mx + jnp.arange(M), -1))
     new["state"] = prefill_state(kv["ckv"], kv["cscore"], lens_B, r)
     if layer.icomp is not None:
       ik = jnp.where(done_BM[..., None], kv["icomp"].astype(layer.icomp.dtype), 0.0)
