@@ -109,6 +109,8 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
     loss = lsum / n
     extras = jax.tree.map(lambda x: x.mean(0), per_micro)
   nnx.update(model, rest)
+  if optimizer.wrt is not nnx.Param:  # e.g. the DSA warm-up trains the indexer only
+    grads = nnx.state(nnx.merge(graphdef, grads, rest), optimizer.wrt)
   grad_norm = optax.global_norm(grads)
   optimizer.update(model, grads)
   moe.apply_bias_updates(model)

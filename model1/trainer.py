@@ -25,6 +25,7 @@ from flax import nnx
 from model1 import checkpoint, data, long_context, optim, sharding, steps
 from model1.config import model_config_from_dict
 from model1.engram_hash import NgramHashMapping
+from model1.indexer import INDEXER_PARAMS
 from model1.model import Transformer
 
 
@@ -47,9 +48,13 @@ def build_model_and_optimizer(model_cfg, train_cfg, mesh, seed: int):
                            mesh.shape.get("expert", 1))
   tx = optim.make_optimizer(optim_config(train_cfg))
 
+  a = model_cfg.attention
+  # DSA / CSA warm-up stage: only the indexer learns (its KL to the main attention)
+  wrt = INDEXER_PARAMS if a.sparse != "dense" and a.dsa_stage == "warmup" else nnx.Param
+
   def build():
     model = Transformer(model_cfg, nnx.Rngs(seed))
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return model, nnx.Optimizer(model, tx, wrt=wrt)
   return sharding.create_sharded(build, mesh)
 
 
