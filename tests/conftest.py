@@ -21,14 +21,16 @@ def load_config(path):
   return mod.get_config()
 
 
-def shrink(cfg, seq_len=32, batch_size=4):
+def shrink(cfg, seq_len=32, batch_size=4, n_layers=2):
   """Tiny-size overrides for any config: small width/depth, exact head geometry kept."""
   m = cfg.model
-  m.d_model, m.n_layers, m.ffn.hidden = 64, min(m.n_layers, 2), 128
+  m.d_model, m.n_layers, m.ffn.hidden = 64, min(m.n_layers, n_layers), 128
   m.attention.n_heads, m.attention.q_lora_rank = 2, 32
   m.attention.o_groups, m.attention.o_lora_rank = 2, 32
   m.max_seq_len = max(seq_len, 64)
   m.dtype = "float32"
+  if m.get("use_moe"):
+    m.moe.n_hash_layers = min(m.moe.n_hash_layers, m.n_layers - m.n_dense_layers)
   if m.get("use_engram"):
     m.engram.layer_ids = tuple(i for i in m.engram.layer_ids if i < m.n_layers) or (0,)
   if m.attention.get("compress_ratios"):
