@@ -96,7 +96,7 @@ def main(argv):
                                 stop_tokens=(eos,))
     with sharding.use_mesh(mesh):
       gen = generate.generate(model, [ids], s, cache_format=FLAGS.cache_format,
-                              impl=FLAGS.impl)
+                              impl=FLAGS.impl, mapping=mapping)
     text = ds.tokenizer.decode(gen.tokens[0])
     result["sample"] = FLAGS.prompt + text
     print("----- sample -----\n" + FLAGS.prompt + text + "\n------------------")

@@ -44,7 +44,7 @@ KINDS = ("dense", "dsa", "compressed")
 
 def model_config(kind: str, d_model: int, topk: int, max_len: int,
                  chunk: int) -> config.ModelConfig:
-  base = config.preset("tiny", "model1")
+  base = config.preset("tiny", "model1", sparse="dense")
   a = dataclasses.replace(base.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32,
                           index_n_heads=2, index_topk=topk, attn_chunk=chunk)
   if kind == "dsa":

@@ -1,4 +1,6 @@
-"""small preset, model1 geometry (512-dim heads: 448 NoPE + 64 RoPE, VVPA, sink).
+"""small preset, the full MODEL1 (DeepSeek-V4) model at ~100M parameters: 512-dim heads,
+window 128 + compress ratios (0, 4, 128, 4, 128, 4, 128, 4) (CSA top-128, HCA), mHC 4,
+MoE 16 experts with a hash-routed layer, MTP 1.
 
 Run: python train.py --config=configs/small.py  # one GPU
 """

@@ -1,4 +1,6 @@
-"""tiny preset, model1 geometry (512-dim heads: 448 NoPE + 64 RoPE, VVPA, sink).
+"""tiny preset, the full MODEL1 (DeepSeek-V4) model scaled down: 512-dim heads (448 NoPE +
+64 RoPE, VVPA, sink), sliding window 32 + compressed attention (layer 0 CSA ratio 4 with a
+top-16 indexer, layer 1 HCA ratio 16), mHC 4 streams, MoE with a hash-routed layer, MTP 1.
 
 Run: python train.py --config=configs/tiny.py
 """

@@ -6,16 +6,11 @@ Run: python train.py --config=configs/tiny_v32_dsa.py --config.model.attention.d
          --config.train.steps=100 --workdir=runs/dsa
      python train.py --config=configs/tiny_v32_dsa.py --workdir=runs/dsa --config.train.steps=300
 """
-import dataclasses
-
 from model1 import config
 
 
 def get_config():
-  base = config.preset("tiny", "v32")
-  attn = dataclasses.replace(base.attention, sparse="dsa", index_n_heads=4,
-                             index_head_dim=64, index_topk=32, dsa_stage="sparse")
-  c = config.run_config(dataclasses.replace(base, attention=attn).validate(), "tiny_v32_dsa")
+  c = config.run_config(config.preset("tiny", "v32", sparse="dsa"), "tiny_v32_dsa")
   c.data.seq_len = 128
   c.train.steps = 200
   return c

@@ -73,15 +73,16 @@ SMOKE = dict(TINY, **{
 def suite_config(name: str, preset: str = "tiny", block: str = "plain"):
   """The ConfigDict a suite file starts from.
 
-  block="plain": MODEL1 attention in a plain pre-norm block (dense SwiGLU, one residual
-  stream, no MTP) so attention ablations isolate attention. block="v4": the preset's
-  full V4 block (mHC, MoE, MTP). Default size (``preset="tiny"``): d_model 128, 2 layers,
+  block="plain": dense MODEL1 attention in a plain pre-norm block (dense SwiGLU, one
+  residual stream, no MTP) so attention ablations isolate attention. block="v4": the
+  preset's full V4 model (window + CSA/HCA attention, mHC, MoE, MTP). Default size (``preset="tiny"``): d_model 128, 2 layers,
   seq 256, 2000 steps, 3 seeds: a real experiment on one GPU or a CPU hour."""
   import ml_collections
   from model1 import config
   model = config.preset(preset, "model1")
   if block == "plain":
-    model = dataclasses.replace(model, mhc=dataclasses.replace(model.mhc, hc_mult=1),
+    model = dataclasses.replace(config.dense_attention(model),
+                                mhc=dataclasses.replace(model.mhc, hc_mult=1),
                                 use_moe=False, mtp=dataclasses.replace(model.mtp, n_layers=0))
   c = ml_collections.ConfigDict()
   c.suite = name
@@ -309,14 +310,15 @@ def evaluate(run_dir: Path, ev, decode: bool = True) -> dict:
   if "decode" in which and decode:
     try:
       sp = evals.decode_speed(model, ev.decode_batch, ev.decode_prompt, ev.decode_tokens,
-                              ev.cache_format)
+                              ev.cache_format, mapping=mapping)
       res["decode_tokens_per_s"] = sp["tokens_per_s"]
     except Exception as e:  # noqa: BLE001 - e.g. a mode generate does not support yet
       res["errors"]["decode"] = _err(e)
   if ev.compare_to and decode:
     try:
       c = evals.compare_cache_formats(model, [ev.cache_format], ev.compare_to,
-                                      ev.decode_batch, ev.decode_prompt, ev.decode_tokens)
+                                      ev.decode_batch, ev.decode_prompt, ev.decode_tokens,
+                                      mapping=mapping)
       res.update({f"{k}_vs_{ev.compare_to}": v for k, v in c[ev.cache_format].items()
                   if k in ("top1_agreement", "kl", "same_tokens")})
     except Exception as e:  # noqa: BLE001

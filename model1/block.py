@@ -54,34 +54,45 @@ class Block(nnx.Module):
       return y_BTD
     return self.ffn(x_BTD)
 
+  def _engram(self, h_BTCD, eng: dict | None, segment_ids_BT):
+    """Engram's residual delta and its conv state. ``eng``: ``ids`` hash ids [B,T,A] or
+    ``emb`` pre-gathered rows [B,T,A,H] (host-table training), optional ``state`` (the
+    conv history; decode) and ``end`` [B] (prefill of right-padded prompts)."""
+    if eng is None or (eng.get("ids") is None and eng.get("emb") is None):
+      raise ValueError(f"layer {self.layer_id} carries Engram but no hash ids were given; "
+                       f"expected batch['engram_hash'][{str(self.layer_id)!r}]")
+    state = eng.get("state")
+    if state is None:
+      state = self.engram.init_state(h_BTCD.shape[0])
+    return self.engram.decode_step(h_BTCD, eng.get("ids"), state, embeddings_BTAH=eng.get("emb"),
+                                   segment_ids_BT=segment_ids_BT, end_B=eng.get("end"))
+
   def _forward(self, h_BTCD, attn_fn: Callable, token_ids_BT=None, segment_ids_BT=None,
-               engram_ids_BTA=None, engram_fn: Callable | None = None):
-    """``attn_fn(x_BTD) -> (y_BTD, extra)`` is the training, prefill or decode attention;
-    ``engram_fn`` (decode) replaces the full-sequence Engram call."""
+               engram: dict | None = None):
+    """``attn_fn(x_BTD) -> (y_BTD, extra)`` is the training, prefill or decode attention.
+    Returns (h, extra, Engram conv state or None)."""
+    estate = None
     if self.engram is not None:
-      if engram_fn is not None:
-        h_BTCD = h_BTCD + engram_fn(self.engram, h_BTCD)
-      else:
-        if engram_ids_BTA is None:
-          raise ValueError(f"layer {self.layer_id} carries Engram but no hash ids were "
-                           f"given; expected batch['engram_hash'][{str(self.layer_id)!r}]")
-        h_BTCD = h_BTCD + self.engram(h_BTCD, engram_ids_BTA, segment_ids_BT=segment_ids_BT)
+      delta_BTCD, estate = self._engram(h_BTCD, engram, segment_ids_BT)
+      h_BTCD = h_BTCD + delta_BTCD
     h_BTCD, extra = self.hc_attn(h_BTCD, lambda x: attn_fn(self.attn_norm(x)))
     h_BTCD = sharding.constrain(h_BTCD, STREAM_AXES)
     mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
     h_BTCD, _ = self.hc_ffn(h_BTCD, lambda x: self._ffn(self.ffn_norm(x), token_ids_BT,
                                                          mask_BT))
-    return sharding.constrain(h_BTCD, STREAM_AXES), extra
+    return sharding.constrain(h_BTCD, STREAM_AXES), extra, estate
 
   def __call__(self, h_BTCD, positions_BT, segment_ids_BT, token_ids_BT=None,
-               engram_ids_BTA=None):
-    """Training / prefill form; returns (h, the layer's cache vectors [B,T,d_qk])."""
+               engram: dict | None = None):
+    """Training / prefill form; returns (h, the layer's cache vectors [B,T,d_qk], Engram
+    conv state or None)."""
     return self._forward(
         h_BTCD, lambda x: self.attn(x, positions_BT, segment_ids_BT, return_kv=True),
-        token_ids_BT, segment_ids_BT, engram_ids_BTA)
+        token_ids_BT, segment_ids_BT, engram)
 
-  def decode(self, h_BTCD, attn_step: Callable, token_ids_BT=None,
-             engram_fn: Callable | None = None):
-    """Decode form: ``attn_step(mla, x_BTD) -> (y_BTD, new layer cache)``."""
-    return self._forward(h_BTCD, lambda x: attn_step(self.attn, x), token_ids_BT, None,
-                         None, engram_fn)
+  def decode(self, h_BTCD, attn_step: Callable, token_ids_BT=None, engram: dict | None = None,
+             segment_ids_BT=None):
+    """Decode form: ``attn_step(mla, x_BTD) -> (y_BTD, new layer cache)``; ``engram``
+    carries the new hash ids and the conv state. Returns (h, new cache, new conv state)."""
+    return self._forward(h_BTCD, lambda x: attn_step(self.attn, x), token_ids_BT,
+                         segment_ids_BT, engram)

@@ -337,19 +337,30 @@ def param_count(cfg: ModelConfig) -> int:
 
 # ---------------------------------------------------------------- presets
 
-def preset(size: str, geometry: str) -> ModelConfig:
+def preset(size: str, geometry: str, sparse: str | None = None) -> ModelConfig:
   """``tiny`` (CPU, minutes) or ``small`` (~100M parameters, one GPU), either geometry.
 
-  ``model1``: the V4 block — mHC (4 streams), DeepSeekMoE (the first layer hash-routed,
-  shared expert, sqrt-softplus scores), one MTP module. ``v32``: V3.2's MLA with the same
-  MoE and MTP and a plain residual (V3.2 has no mHC). Every part is a switch
-  (``mhc.hc_mult=1``, ``use_moe=False``, ``mtp.n_layers=0``) for ablations."""
+  ``model1``: the full V4 model scaled down — V4's attention layer pattern (a sliding
+  window in every layer plus per-layer compressed entries: ratio 4 = CSA with an indexer
+  choosing top-k entries, larger = HCA; tiny: window 32, ratios (4, 16); small: window 128,
+  ratios (0, 4, 128, 4, 128, 4, 128, 4)), mHC (4 streams), DeepSeekMoE (the first layer
+  hash-routed, shared expert, sqrt-softplus scores), one MTP module. ``v32``: V3.2's MLA
+  with the same MoE and MTP, dense attention and a plain residual (V3.2 has no mHC; its
+  DSA is ``sparse="dsa"``, configs/tiny_v32_dsa.py). ``sparse`` overrides the attention
+  mode ("dense" for ablations; None = the geometry's own). Every other part is a switch
+  too (``mhc.hc_mult=1``, ``use_moe=False``, ``mtp.n_layers=0``)."""
   if geometry not in GEOMETRIES:
     raise ValueError(f"geometry={geometry!r}; expected one of {GEOMETRIES}")
+  sparse = sparse or ("compressed" if geometry == "model1" else "dense")
+  if sparse not in ("dense", "dsa", "compressed"):
+    raise ValueError(f"sparse={sparse!r}; expected None, 'dense', 'dsa' or 'compressed'")
   hc = MHCConfig(hc_mult=4 if geometry == "model1" else 1)
   if size == "tiny":
     attn = AttentionConfig(geometry=geometry, n_heads=4, q_lora_rank=64, o_groups=2,
                            o_lora_rank=64)
+    sp = dict(window_size=32, compress_ratios=(4, 16), index_n_heads=4, index_head_dim=64,
+              index_topk=16)
+    dsa = dict(index_n_heads=4, index_head_dim=64, index_topk=32)
     moe = MoEConfig(n_routed_experts=8, n_activated_experts=2, n_shared_experts=1,
                     moe_inter_dim=128, n_hash_layers=1, route_scale=1.0)
     cfg = ModelConfig(vocab_size=4096, d_model=128, n_layers=2, max_seq_len=256,
@@ -358,6 +369,9 @@ def preset(size: str, geometry: str) -> ModelConfig:
   elif size == "small":
     attn = AttentionConfig(geometry=geometry, n_heads=8, q_lora_rank=384, o_groups=4,
                            o_lora_rank=256)
+    sp = dict(window_size=128, compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4),
+              index_n_heads=8, index_head_dim=128, index_topk=128)
+    dsa = dict(index_n_heads=8, index_head_dim=128, index_topk=512)
     moe = MoEConfig(n_routed_experts=16, n_activated_experts=2, n_shared_experts=1,
                     moe_inter_dim=256, n_hash_layers=1, route_scale=1.5)
     cfg = ModelConfig(vocab_size=16384, d_model=512, n_layers=8, max_seq_len=2048,
@@ -365,7 +379,17 @@ def preset(size: str, geometry: str) -> ModelConfig:
                       mhc=hc, use_moe=True, moe=moe, mtp=MTPConfig(n_layers=1))
   else:
     raise ValueError(f"size={size!r}; expected 'tiny' or 'small'")
+  if sparse == "compressed":
+    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(attn, sparse=sparse, **sp))
+  elif sparse == "dsa":
+    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(attn, sparse=sparse, **dsa))
   return cfg.validate()
+
+
+def dense_attention(cfg: ModelConfig) -> ModelConfig:
+  """``cfg`` with plain dense causal attention (no indexer, window or compression)."""
+  return dataclasses.replace(cfg, attention=dataclasses.replace(
+      cfg.attention, sparse="dense", compress_ratios=())).validate()
 
 
 def with_engram(cfg: ModelConfig, rows_per_layer: int, layer_ids=(1,), max_ngram_size: int = 3,
@@ -403,5 +427,6 @@ def run_config(model: ModelConfig, name: str):
       min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, clip=1.0, grad_accum=1,
       log_every=10, eval_every=100, eval_batches=4, ckpt_every=100, keep_checkpoints=3,
       preempt_at_step=-1, progress=True))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1,
+                                          num_devices=0))  # 0 = every device
   return c

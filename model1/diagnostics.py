@@ -28,7 +28,7 @@ Interfaces (each a function plus a ``plot_*``):
 
 ``capture`` runs the model eagerly layer by layer and returns each layer's residual
 streams (Engram's input) and normalised attention input x (what MLA saw). It uses
-``Block.decode(h, attn_step, tokens, engram_fn)``, the public per-block entry point.
+``Block.decode(h, attn_step, tokens, engram)``, the public per-block entry point.
 """
 from __future__ import annotations
 
@@ -68,9 +68,8 @@ def capture(model, tokens_BT, positions_BT=None, segment_ids_BT=None, engram_has
     if layer.engram is not None:
       if engram_hash is None:
         raise ValueError(f"layer {layer.layer_id} carries Engram; expected engram_hash ids")
-      ids = jnp.asarray(engram_hash[str(layer.layer_id)])
-      eng = lambda e, h_, ids=ids: e(h_, ids, segment_ids_BT=seg)  # noqa: E731
-    h, _ = layer.decode(h, step, tokens_BT, engram_fn=eng)
+      eng = {"ids": jnp.asarray(engram_hash[str(layer.layer_id)])}
+    h, _, _ = layer.decode(h, step, tokens_BT, eng, segment_ids_BT=seg)
     xs.append(box["x"])
   nnx.pop(model, nnx.Intermediate)   # sown metrics / aux losses of this forward
   moe.reset_moe_stats(model)         # a diagnostic must not steer the router biases

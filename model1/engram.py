@@ -54,8 +54,17 @@ from model1.engram_hash import (CompressedTokenizer, EngramConfig, NgramHashMapp
 
 HOST = jax.memory.Space.Host
 DEVICE = jax.memory.Space.Device
+
+
+class RowSparseMoment(nnx.Variable):
+  """Row-sparse Adam state of a host-resident table (m, v beside it; the step count)."""
+
+
 # Selects Engram tables (to leave them out of the dense optimiser and of jax.grad).
 ENGRAM_TABLE_FILTER = nnx.All(nnx.Param, nnx.PathContains("multi_head_embedding"))
+# A host-table model: what the dense optimiser and autodiff see, and what they never touch.
+HOST_TABLE_TRAINABLE = nnx.All(nnx.Param, nnx.Not(ENGRAM_TABLE_FILTER))
+HOST_TABLE_STATE = nnx.Any(ENGRAM_TABLE_FILTER, RowSparseMoment)
 
 
 def in_host_memory(x: jax.Array) -> bool:
@@ -109,15 +118,37 @@ class MultiHeadEmbedding(nnx.Module):
       init = lambda k, s, d: jax.device_put(base(k, s, d), HOST)  # noqa: E731
     self.embedding = sharding.param(init, rngs.params(), (self.num_rows, D),
                                     ("engram_rows", "engram_dim"), param_dtype)
+    self.host_table = host_table
     if host_table:
       # Read by whoever builds shardings (NamedSharding(..., memory_kind=...)).
       self.embedding.set_metadata("memory_kind", "pinned_host")
+      zeros = lambda: jax.device_put(jnp.zeros((self.num_rows, D), jnp.float32), HOST)  # noqa: E731
+      meta = dict(logical_axes=("engram_rows", "engram_dim"), memory_kind="pinned_host")
+      self.adam_mu = RowSparseMoment(zeros(), **meta)
+      self.adam_nu = RowSparseMoment(zeros(), **meta)
+      self.adam_count = RowSparseMoment(jnp.zeros((), jnp.int32))
 
   def row_ids(self, hash_ids_BTA: jax.Array) -> jax.Array:
     return hash_ids_BTA.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
 
   def __call__(self, hash_ids_BTA: jax.Array) -> jax.Array:
     return gather_rows(self.embedding[...], self.row_ids(hash_ids_BTA))
+
+  def sparse_update(self, rows_BTA: np.ndarray, grad_BTAH: jax.Array, learning_rate,
+                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                    eps: float = 1e-8, bucket: int | None = 1024) -> None:
+    """Host table: AdamW on the rows ``rows_BTA`` (global row ids, host numpy) only, in
+    place, with the moments held here (so checkpoints carry them)."""
+    rows_U, inverse = unique_rows(rows_BTA, self.num_rows, bucket)
+    state = RowSparseAdamState(self.adam_mu.get_value(), self.adam_nu.get_value(),
+                               self.adam_count.get_value())
+    table, state = row_sparse_adam_update(
+        self.embedding.get_value(), state, jnp.asarray(rows_U), jnp.asarray(inverse),
+        grad_BTAH, learning_rate, weight_decay, b1=b1, b2=b2, eps=eps)
+    self.embedding.set_value(table)
+    self.adam_mu.set_value(state.mu)
+    self.adam_nu.set_value(state.nu)
+    self.adam_count.set_value(state.count)
 
 
 class ShortConv(nnx.Module):
@@ -142,11 +173,14 @@ class ShortConv(nnx.Module):
     return (self.kernel_size - 1) * self.dilation
 
   def __call__(self, x_BTCD: jax.Array, hist_BSCD: jax.Array,
-               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               segment_ids_BT: jax.Array | None = None,
+               end_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(SiLU(conv(RMSNorm(x))), new history). ``hist_BSCD`` holds the normalised inputs
     of the S positions before x (zeros at the sequence start = the demo's zero padding).
     With ``segment_ids_BT`` (packed documents) a tap that reaches into another document
-    reads zero, exactly as at a sequence start."""
+    reads zero, exactly as at a sequence start. ``end_B`` (right-padded prompts of
+    different lengths) takes each row's history just before position ``end_B[b]``
+    instead of after the last position."""
     T = x_BTCD.shape[1]
     xn_BTCD = _rms_norm(x_BTCD, self.norms[...].astype(jnp.float32), self.norm_eps)
     xs_BLCD = jnp.concatenate([hist_BSCD.astype(jnp.float32), xn_BTCD], axis=1)
@@ -163,7 +197,11 @@ class ShortConv(nnx.Module):
         tap = jnp.where(same[:, :, None, None], tap, 0.0)
       taps.append(w_KCD[k] * tap)
     y_BTCD = sum(taps)
-    new_hist = xs_BLCD[:, xs_BLCD.shape[1] - self.history:]
+    if end_B is None:
+      new_hist = xs_BLCD[:, xs_BLCD.shape[1] - self.history:]
+    else:  # x position t sits at xs index t + S, so the S inputs before end are [end, end+S)
+      idx_BS = end_B[:, None] + jnp.arange(self.history)
+      new_hist = jnp.take_along_axis(xs_BLCD, idx_BS[:, :, None, None], axis=1)
     return jax.nn.silu(y_BTCD), new_hist
 
 
@@ -218,9 +256,11 @@ class Engram(nnx.Module):
 
   def decode_step(self, h_BTCD: jax.Array, hash_ids_BTA: jax.Array | None,
                   state_BSCD: jax.Array, *, embeddings_BTAH: jax.Array | None = None,
-                  segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  segment_ids_BT: jax.Array | None = None,
+                  end_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """T new positions (T >= 1) given the conv history; returns (delta, new state).
-    Chained calls equal one ``__call__`` over the concatenation."""
+    Chained calls equal one ``__call__`` over the concatenation. ``end_B``: a prefill of
+    right-padded rows returns each row's state at its own length (``ShortConv``)."""
     if h_BTCD.ndim != 4 or h_BTCD.shape[2:] != (self.hc_mult, self.d_model):
       raise ValueError(f"h has shape {h_BTCD.shape}; expected [B, T, hc_mult="
                        f"{self.hc_mult}, d_model={self.d_model}]")
@@ -241,7 +281,7 @@ class Engram(nnx.Module):
     v_BTD = e_BTF @ self.value_proj_weight[...].astype(jnp.float32) \
         + self.value_proj_bias[...].astype(jnp.float32)
     u_BTCD = alpha_BTC[..., None] * v_BTD[:, :, None, :]
-    conv_BTCD, state_BSCD = self.short_conv(u_BTCD, state_BSCD, segment_ids_BT)
+    conv_BTCD, state_BSCD = self.short_conv(u_BTCD, state_BSCD, segment_ids_BT, end_B)
     delta_BTCD = (u_BTCD + conv_BTCD).astype(h_BTCD.dtype)
     delta_BTCD = sharding.constrain(delta_BTCD, ("batch", "activation_length", None,
                                                  "activation_embed"))

@@ -207,16 +207,19 @@ def _prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[list[i
 
 
 def decode_speed(model, batch: int = 4, prompt_len: int = 16, new_tokens: int = 16,
-                 cache_format: str = "bf16", impl: str = "xla", repeats: int = 1) -> dict:
+                 cache_format: str = "bf16", impl: str = "xla", repeats: int = 1,
+                 mapping=None) -> dict:
   """Greedy ``generate`` throughput (new tokens/s, after one untimed call that compiles
   the prefill and the decode step for these shapes) and the cache's bytes per token."""
   from model1 import generate
   s = generate.SamplingConfig(max_new_tokens=new_tokens)
   prompts = _prompts(model.cfg.vocab_size, batch, prompt_len, 0)
-  gen = generate.generate(model, prompts, s, cache_format=cache_format, impl=impl)
+  gen = generate.generate(model, prompts, s, cache_format=cache_format, impl=impl,
+                          mapping=mapping)
   t0 = time.perf_counter()
   for _ in range(repeats):
-    gen = generate.generate(model, prompts, s, cache_format=cache_format, impl=impl)
+    gen = generate.generate(model, prompts, s, cache_format=cache_format, impl=impl,
+                            mapping=mapping)
   dt = (time.perf_counter() - t0) / repeats
   n = sum(len(t) for t in gen.tokens)
   return {"cache_format": cache_format, "tokens_per_s": n / dt, "seconds": dt,
@@ -224,7 +227,8 @@ def decode_speed(model, batch: int = 4, prompt_len: int = 16, new_tokens: int = 
 
 
 def compare_cache_formats(model, formats: Sequence[str] = ("fp8",), reference: str = "bf16",
-                          batch: int = 4, prompt_len: int = 16, new_tokens: int = 16) -> dict:
+                          batch: int = 4, prompt_len: int = 16, new_tokens: int = 16,
+                          mapping=None) -> dict:
   """How a KV cache format changes greedy decoding relative to ``reference``.
 
   Both runs decode greedily from the same prompts. While their generated tokens agree
@@ -235,10 +239,12 @@ def compare_cache_formats(model, formats: Sequence[str] = ("fp8",), reference: s
   from model1 import generate
   s = generate.SamplingConfig(max_new_tokens=new_tokens)
   prompts = _prompts(model.cfg.vocab_size, batch, prompt_len, 1)
-  ref = generate.generate(model, prompts, s, cache_format=reference, return_logits=True)
+  ref = generate.generate(model, prompts, s, cache_format=reference, return_logits=True,
+                          mapping=mapping)
   out = {}
   for fmt in formats:
-    g = generate.generate(model, prompts, s, cache_format=fmt, return_logits=True)
+    g = generate.generate(model, prompts, s, cache_format=fmt, return_logits=True,
+                          mapping=mapping)
     agree, kls, same = [], [], 0
     for b in range(batch):
       ta, tb = ref.tokens[b], g.tokens[b]

@@ -60,10 +60,10 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_p) -> jax.Arra
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _prefill(graphdef, state, tokens_BT, segment_ids_BT):
+def _prefill(graphdef, state, tokens_BT, segment_ids_BT, engram_hash, lens_B):
   model = nnx.merge(graphdef, state)
   pos_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-  return model.prefill(tokens_BT, pos_BT, segment_ids_BT)
+  return model.prefill(tokens_BT, pos_BT, segment_ids_BT, engram_hash, lens_B)
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -71,21 +71,39 @@ def _write_prefill(caches, kvs, block_table_BZ, lens_B):
   return [write_prefill(c, kv, block_table_BZ, lens_B) for c, kv in zip(caches, kvs)]
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _decode_step(graphdef, impl, state, caches, tokens_B, pos_B, block_table_BZ, key,
-                 temperature, top_p):
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
+def _decode_step(graphdef, impl, state, caches, engram_state, tokens_B, pos_B, block_table_BZ,
+                 engram_hash, key, temperature, top_p):
   model = nnx.merge(graphdef, state)
-  logits_B1V, caches = model.decode(tokens_B[:, None], pos_B[:, None], caches, block_table_BZ,
-                                    pos_B + 1, jnp.ones((tokens_B.shape[0], 1), bool), impl)
+  logits_B1V, caches, engram_state = model.decode(
+      tokens_B[:, None], pos_B[:, None], caches, block_table_BZ, pos_B + 1,
+      jnp.ones((tokens_B.shape[0], 1), bool), impl, engram_hash, engram_state)
   nxt = sample(logits_B1V[:, 0], key, temperature, top_p)
-  return logits_B1V[:, 0], nxt, caches
+  return logits_B1V[:, 0], nxt, caches, engram_state
+
+
+def _ids(hashes: dict) -> dict:
+  return {str(k): jnp.asarray(v, jnp.int32) for k, v in hashes.items()}
 
 
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
              *, cache_format: str = "bf16", block_size: int = 64, impl: str = "xla",
-             return_logits: bool = False) -> Generation:
-  """Generate continuations of token-id ``prompts`` (lists of different lengths)."""
+             return_logits: bool = False, mapping=None) -> Generation:
+  """Generate continuations of token-id ``prompts`` (lists of different lengths).
+
+  Engram models need ``mapping`` (the run's ``NgramHashMapping``,
+  ``trainer.engram_mapping``): the prompts are hashed once, then each new token is hashed
+  from the last N-1 ids of its sequence (``hash_step``) and each Engram layer carries its
+  short-conv history, so decoding never recomputes the prefix."""
   cfg = model.cfg
+  if cfg.use_engram and mapping is None:
+    raise ValueError("mapping=None but model.use_engram=True; expected the run's "
+                     "NgramHashMapping (model1.trainer.engram_mapping(model_cfg, dataset))")
+  n_raw = len(mapping.compressed_tokenizer.lookup_table) if cfg.use_engram else 0
+  if cfg.use_engram and n_raw < cfg.vocab_size:
+    raise ValueError(f"mapping's tokenizer has {n_raw} ids but "
+                     f"model.vocab_size={cfg.vocab_size}; expected the tokenizer the model "
+                     f"was trained with (it must cover every id the model can sample)")
   fmt = kcache_format(cache_format, cfg.attention.geometry)
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError(f"prompts lengths={[len(p) for p in prompts]}; expected a non-empty "
@@ -109,7 +127,14 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
   seg = np.zeros((B, T), np.int32)
   for b, p in enumerate(prompts):
     toks[b, :len(p)], seg[b, :len(p)] = p, 1
-  logits_BTV, kvs = _prefill(graphdef, state, jnp.asarray(toks), jnp.asarray(seg))
+  engram_hash = hash_state = None
+  if cfg.use_engram:
+    engram_hash = _ids(mapping.hash_packed(toks, seg))
+    # hash_step history per sequence: the last N-1 compressed ids of its own prompt
+    hash_state = np.concatenate([mapping.hash_step(mapping.init_state(1), np.asarray([p]))[1]
+                                 for p in prompts])
+  logits_BTV, kvs, engram_state = _prefill(graphdef, state, jnp.asarray(toks),
+                                           jnp.asarray(seg), engram_hash, jnp.asarray(lens))
   table = jnp.asarray(cache.block_table)
   cache.layers = _write_prefill(cache.layers, kvs, table, jnp.asarray(lens))
   cache.seqlens[:] = lens
@@ -132,9 +157,12 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     if done.all():
       break
     key, sub = jax.random.split(key)
-    logits_BV, nxt, cache.layers = _decode_step(graphdef, impl, state, cache.layers, nxt, pos,
-                                                table, sub, sampling.temperature,
-                                                sampling.top_p)
+    if cfg.use_engram:
+      step_hash, hash_state = mapping.hash_step(hash_state, nxt_np[:, None])
+      engram_hash = _ids(step_hash)
+    logits_BV, nxt, cache.layers, engram_state = _decode_step(
+        graphdef, impl, state, cache.layers, engram_state, nxt, pos, table, engram_hash, sub,
+        sampling.temperature, sampling.top_p)
     pos = pos + 1
     cache.seqlens[:] = np.asarray(pos)
     if return_logits:

@@ -42,24 +42,29 @@ class Transformer(nnx.Module):
   def dtype(self):
     return jnp.dtype(self.cfg.dtype)
 
-  def streams(self, tokens_BT, positions_BT=None, segment_ids_BT=None, engram_hash=None):
-    """Residual streams after the last block [B,T,C,D] and per-layer cache vectors."""
+  def streams(self, tokens_BT, positions_BT=None, segment_ids_BT=None, engram_hash=None,
+              engram_emb=None, engram_end_B=None):
+    """Residual streams after the last block [B,T,C,D], per-layer cache vectors and the
+    Engram conv states {layer_id: [B,S,C,D]}. Engram inputs are keyed by str(layer_id):
+    ``engram_hash`` ids [B,T,A] or ``engram_emb`` pre-gathered rows [B,T,A,H]."""
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
     x_BTD = self.embed(tokens_BT, self.dtype)
     h_BTCD = sharding.constrain(expand(x_BTD, self.cfg.mhc.hc_mult), STREAM_AXES)
-    kvs = []
+    kvs, states = [], {}
     for layer in self.layers:
-      eids = None if engram_hash is None else engram_hash.get(str(layer.layer_id))
+      eng = _engram_inputs(layer, engram_hash, engram_emb, end=engram_end_B)
       if self.cfg.remat:
-        h_BTCD, kv = nnx.remat(lambda m, *a: m(*a))(layer, h_BTCD, positions_BT,
-                                                    segment_ids_BT, tokens_BT, eids)
+        h_BTCD, kv, st = nnx.remat(lambda m, *a: m(*a))(layer, h_BTCD, positions_BT,
+                                                        segment_ids_BT, tokens_BT, eng)
       else:
-        h_BTCD, kv = layer(h_BTCD, positions_BT, segment_ids_BT, tokens_BT, eids)
+        h_BTCD, kv, st = layer(h_BTCD, positions_BT, segment_ids_BT, tokens_BT, eng)
       kvs.append(kv)
-    return h_BTCD, kvs
+      if st is not None:
+        states[str(layer.layer_id)] = st
+    return h_BTCD, kvs, states
 
   def logits(self, x_BTD):
     logits_BTV = self.head(x_BTD)
@@ -72,13 +77,15 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
     """Logits [B,T,V] (fp32). With the training ``batch`` (targets, loss_mask, optional
     ``engram_hash`` ids) the MTP modules run and report their losses."""
-    engram_hash = None if batch is None else batch.get("engram_hash")
-    if self.cfg.use_engram and engram_hash is None:
+    batch = batch or {}
+    engram_hash, engram_emb = batch.get("engram_hash"), batch.get("engram_emb")
+    if self.cfg.use_engram and engram_hash is None and engram_emb is None:
       raise ValueError("model.use_engram=True but no Engram hash ids were given; expected "
-                       "batch['engram_hash'] (see model1.engram_data.add_engram_hash)")
-    h_BTCD, _ = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash)
+                       "batch['engram_hash'] (see model1.trainer.add_host_inputs)")
+    h_BTCD, _, _ = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash,
+                                engram_emb)
     logits_BTV = self.logits(self.final_hidden(h_BTCD))
-    if len(self.mtp) and batch is not None and "targets" in batch:
+    if len(self.mtp) and "targets" in batch:
       self._mtp_losses(h_BTCD, batch, positions_BT, segment_ids_BT)
     return logits_BTV
 
@@ -92,20 +99,34 @@ class Transformer(nnx.Module):
       self.sow(Metric, f"mtp_loss_{k}", ce)
       self.sow(AuxLoss, f"mtp_{k}", self.cfg.mtp.loss_weight * ce)
 
-  def prefill(self, tokens_BT, positions_BT, segment_ids_BT, engram_hash=None):
-    """Full forward that also returns each layer's cache vectors [B,T,d_qk]."""
-    h_BTCD, kvs = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash)
-    return self.logits(self.final_hidden(h_BTCD)), kvs
+  def prefill(self, tokens_BT, positions_BT, segment_ids_BT, engram_hash=None, lens_B=None):
+    """Full forward that also returns each layer's cache vectors [B,T,d_qk] and the
+    Engram conv states at each row's length ``lens_B`` (default: T)."""
+    h_BTCD, kvs, states = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash,
+                                       engram_end_B=lens_B)
+    return self.logits(self.final_hidden(h_BTCD)), kvs, states
 
   def decode(self, tokens_BT, positions_BT, caches, block_table_BZ, seqlens_B, valid_BT,
-             impl: str = "xla"):
-    """New tokens at ``positions_BT`` (the end of each sequence) against the paged caches;
-    returns (logits [B,T,V], new caches)."""
+             impl: str = "xla", engram_hash=None, engram_state=None):
+    """New tokens at ``positions_BT`` (the end of each sequence) against the paged caches
+    (and, for Engram layers, their hash ids and conv states); returns (logits [B,T,V],
+    new caches, new Engram conv states)."""
     h_BTCD = expand(self.embed(tokens_BT, self.dtype), self.cfg.mhc.hc_mult)
-    new = []
+    new, states = [], {}
     for layer, cache in zip(self.layers, caches):
       step = (lambda mla, x, cache=cache: mla.decode(x, positions_BT, cache, block_table_BZ,
                                                      seqlens_B, valid_BT, impl))
-      h_BTCD, cache = layer.decode(h_BTCD, step, tokens_BT)
+      eng = _engram_inputs(layer, engram_hash, None, state=engram_state)
+      h_BTCD, cache, st = layer.decode(h_BTCD, step, tokens_BT, eng)
       new.append(cache)
-    return self.logits(self.final_hidden(h_BTCD)), new
+      if st is not None:
+        states[str(layer.layer_id)] = st
+    return self.logits(self.final_hidden(h_BTCD)), new, states
+
+
+def _engram_inputs(layer, engram_hash, engram_emb, end=None, state=None) -> dict | None:
+  if layer.engram is None:
+    return None
+  key = str(layer.layer_id)
+  get = lambda d: None if d is None else d.get(key)  # noqa: E731
+  return {"ids": get(engram_hash), "emb": get(engram_emb), "state": get(state), "end": end}

@@ -38,7 +38,7 @@ class MTPBlock(nnx.Module):
   def __call__(self, h_BTCD, next_ids_BT, embed_BTD, positions_BT, segment_ids_BT):
     """Returns (new streams h_BTCD, final hidden x_BTD for the shared head)."""
     x = self.e_proj(self.enorm(embed_BTD))[:, :, None, :] + self.h_proj(self.hnorm(h_BTCD))
-    h_BTCD, _ = self.block(x, positions_BT, segment_ids_BT, token_ids_BT=next_ids_BT)
+    h_BTCD, _, _ = self.block(x, positions_BT, segment_ids_BT, token_ids_BT=next_ids_BT)
     return h_BTCD, self.norm(self.hc_head(h_BTCD))
 
 

@@ -121,9 +121,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Build a 4-axis Auto mesh; one axis may be -1 (= the remaining devices)."""
+              devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
+  """Build a 4-axis Auto mesh; one axis may be -1 (= the remaining devices).
+  ``num_devices`` > 0 uses only the first that many devices (0 = all)."""
   devices = list(devices if devices is not None else jax.devices())
+  if not isinstance(num_devices, int) or not 0 <= num_devices <= len(devices):
+    raise ValueError(f"mesh.num_devices={num_devices!r}; expected an int in [0, "
+                     f"{len(devices)}] (0 = all devices)")
+  devices = devices[:num_devices or len(devices)]
   dims = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
   for k, v in dims.items():
     if not isinstance(v, int) or (v < 1 and v != -1):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from model1 import moe
 from model1.config import ModelConfig
+from model1.engram import HOST_TABLE_STATE, HOST_TABLE_TRAINABLE, RowSparseMoment
 from model1.layers import AuxLoss, Metric
 
 
@@ -81,40 +82,81 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
 
   Non-parameter state updated by the forward (MoE expert-load counters) is carried
   through the micro-batches; after the update, MoE router biases move against each
-  expert's load (aux-loss-free balancing, outside the gradient)."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  expert's load (aux-loss-free balancing, outside the gradient). Host-resident Engram
+  tables stay out of autodiff: ``batch["engram_emb"]`` brings their gathered rows, and
+  the step returns d loss / d rows as ``engram_grads`` for ``update_host_tables``."""
+  emb = batch.get("engram_emb")
+  batch = {k: v for k, v in batch.items() if k != "engram_emb"}
+  wrt = nnx.Param if emb is None else HOST_TABLE_TRAINABLE
+  graphdef, params, frozen, rest = nnx.split(model, wrt, HOST_TABLE_STATE, ...)
 
   def micro_loss(p, r, mb):
-    m = nnx.merge(graphdef, p, r, copy=True)  # fresh Variables at this trace level
-    total, aux = loss_fn(m, mb)
-    return total, (aux, nnx.state(m, nnx.Not(nnx.Param)))
+    ps, e = p
+    m = nnx.merge(graphdef, ps, frozen, r, copy=True)  # fresh Variables at this trace level
+    total, aux = loss_fn(m, mb if e is None else {**mb, "engram_emb": e})
+    return total, (aux, nnx.state(m, _REST))
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   if grad_accum == 1:
-    (_, (aux, rest)), grads = grad_fn(params, rest, batch)
+    (_, (aux, rest)), (grads, g_emb) = grad_fn((params, emb), rest, batch)
     loss, extras = aux["loss"], {"aux": aux["aux"], "metrics": aux["metrics"]}
   else:
-    def body(carry, mb):
+    def body(carry, mb_e):
       acc_g, acc_l, acc_n, r = carry
-      (_, (aux, r)), g = grad_fn(params, r, mb)
+      mb, e = mb_e
+      (_, (aux, r)), (g, ge) = grad_fn((params, e), r, mb)
       # weight each micro-batch by its token count so the result is the full-batch mean
       w = aux["tokens"]
-      return (jax.tree.map(lambda a, b: a + b * w, acc_g, g), acc_l + aux["loss"] * w,
-              acc_n + w, r), {"aux": aux["aux"], "metrics": aux["metrics"]}
+      return ((jax.tree.map(lambda a, b: a + b * w, acc_g, g), acc_l + aux["loss"] * w,
+               acc_n + w, r),
+              ({"aux": aux["aux"], "metrics": aux["metrics"]},
+               jax.tree.map(lambda x: x * w, ge)))
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (gsum, lsum, n, rest), per_micro = jax.lax.scan(
-        body, (zeros, jnp.zeros(()), jnp.zeros(()), rest), _split_micro(batch, grad_accum))
+    micro = (_split_micro(batch, grad_accum),
+             None if emb is None else _split_micro(emb, grad_accum))
+    (gsum, lsum, n, rest), (per_micro, ge) = jax.lax.scan(
+        body, (zeros, jnp.zeros(()), jnp.zeros(()), rest), micro)
     n = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda g: g / n, gsum)
+    g_emb = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]) / n, ge)
     loss = lsum / n
     extras = jax.tree.map(lambda x: x.mean(0), per_micro)
   nnx.update(model, rest)
-  if optimizer.wrt is not nnx.Param:  # e.g. the DSA warm-up trains the indexer only
-    grads = nnx.state(nnx.merge(graphdef, grads, rest), optimizer.wrt)
+  if optimizer.wrt is not wrt:  # e.g. the DSA warm-up trains the indexer only
+    grads = nnx.state(nnx.merge(graphdef, grads, frozen, rest), optimizer.wrt)
   grad_norm = optax.global_norm(grads)
   optimizer.update(model, grads)
   moe.apply_bias_updates(model)
-  return {"loss": loss, "grad_norm": grad_norm, **extras}
+  out = {"loss": loss, "grad_norm": grad_norm, **extras}
+  if emb is not None:
+    out["engram_grads"] = g_emb
+  return out
+
+
+# Non-parameter state a forward may change (MoE load counters), never the table moments.
+_REST = nnx.All(nnx.Not(nnx.Param), nnx.Not(RowSparseMoment))
+
+
+def has_host_tables(model) -> bool:
+  return any(l.engram is not None and l.engram.cfg.host_table for l in model.layers)
+
+
+def gather_host_rows(model, engram_hash: dict) -> dict:
+  """{layer: rows [B,T,A,H]} gathered on the host from host-resident Engram tables (the
+  train step's ``batch["engram_emb"]``); only these rows ever reach the device."""
+  return {str(l.layer_id): l.engram.lookup(engram_hash[str(l.layer_id)])
+          for l in model.layers if l.engram is not None}
+
+
+def update_host_tables(model, engram_hash: dict, grads: dict, learning_rate, b1: float,
+                       b2: float, weight_decay: float = 0.0) -> None:
+  """Row-sparse AdamW on each host table with the train step's ``engram_grads``
+  (``engram_hash``: the host numpy ids the rows were gathered with)."""
+  for l in model.layers:
+    if l.engram is not None:
+      k = str(l.layer_id)
+      l.engram.multi_head_embedding.sparse_update(
+          l.engram.row_ids(engram_hash[k]), grads[k], learning_rate, weight_decay, b1, b2)
 
 
 @nnx.jit

@@ -24,6 +24,7 @@ from flax import nnx
 
 from model1 import checkpoint, data, long_context, optim, sharding, steps
 from model1.config import model_config_from_dict
+from model1.engram import HOST_TABLE_TRAINABLE
 from model1.engram_hash import NgramHashMapping
 from model1.indexer import INDEXER_PARAMS
 from model1.model import Transformer
@@ -51,6 +52,8 @@ def build_model_and_optimizer(model_cfg, train_cfg, mesh, seed: int):
   a = model_cfg.attention
   # DSA / CSA warm-up stage: only the indexer learns (its KL to the main attention)
   wrt = INDEXER_PARAMS if a.sparse != "dense" and a.dsa_stage == "warmup" else nnx.Param
+  if wrt is nnx.Param and model_cfg.use_engram and model_cfg.engram.host_table:
+    wrt = HOST_TABLE_TRAINABLE  # host tables get row-sparse AdamW (steps.update_host_tables)
 
   def build():
     model = Transformer(model_cfg, nnx.Rngs(seed))
@@ -179,6 +182,8 @@ def run(cfg, workdir: str | Path) -> dict:
   checkpoint.write_provenance(workdir, cfg.to_dict(), ds.manifest)
   mapping = engram_mapping(model_cfg, ds)
   model, opt = build_model_and_optimizer(model_cfg, t, mesh, cfg.seed)
+  host_tables = steps.has_host_tables(model)
+  lr_fn = optim.lr_schedule(optim_config(t))
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   rng = jax.random.key(cfg.seed)
   start = ckpt.latest_step() or 0
@@ -211,7 +216,13 @@ def run(cfg, workdir: str | Path) -> dict:
           break
         batch = train_batch(ds, step, cfg, mapping)
         steps.check_batch(batch, model_cfg)
-        out = steps.train_step(model, opt, put_batch(batch, mesh), grad_accum=t.grad_accum)
+        dev = put_batch(batch, mesh)
+        if host_tables:  # gather the rows on the host; the table never enters the step
+          dev["engram_emb"] = steps.gather_host_rows(model, dev["engram_hash"])
+        out = steps.train_step(model, opt, dev, grad_accum=t.grad_accum)
+        if host_tables:
+          steps.update_host_tables(model, batch["engram_hash"], out.pop("engram_grads"),
+                                   lr_fn(step), t.b1, t.b2, t.weight_decay)
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
           loss = float(out["loss"])
@@ -219,7 +230,7 @@ def run(cfg, workdir: str | Path) -> dict:
             raise FloatingPointError(f"loss became {loss} at step {done}")
           now = time.perf_counter()
           row = {"step": done, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                 "lr": float(optim.lr_schedule(optim_config(t))(step)),
+                 "lr": float(lr_fn(step)),
                  "tokens_per_s": (done - last_step) * tokens_per_step / (now - last_t)}
           row.update(flat_metrics(out))
           if t.eval_every and (done % t.eval_every == 0 or done == t.steps):

@@ -51,3 +51,26 @@ def dataset():
   from model1 import data
   cfg = load_config(ROOT / "configs" / "tiny.py")
   return data.Dataset(seq_len=64, batch_size=8, vocab_size=cfg.model.vocab_size)
+
+
+def _mapped_regions() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Drop compiled programs once a worker has mapped many memory regions. Every CPU
+  executable JAX keeps maps its own regions; a worker that compiles hundreds of programs
+  (the every-config smoke test alone compiles ~20 models) would pass Linux's
+  vm.max_map_count (65530), and LLVM then aborts the process mid-compile."""
+  yield
+  if _mapped_regions() > 16000:
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()

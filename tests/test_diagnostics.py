@@ -14,7 +14,7 @@ from model1.model import Transformer
 
 
 def _model(geometry, **attn):
-  m = config.preset("tiny", geometry)
+  m = config.preset("tiny", geometry, sparse="dense")
   a = dataclasses.replace(m.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32, **attn)
   m = dataclasses.replace(m, d_model=32, n_layers=2, ffn=config.FFNConfig(64), attention=a,
                           mhc=dataclasses.replace(m.mhc, hc_mult=1), use_moe=False,

@@ -15,7 +15,7 @@ GEOMS = ["v32", "model1"]
 
 
 def _tiny(geometry):
-  cfg = config.preset("tiny", geometry)
+  cfg = config.preset("tiny", geometry, sparse="dense")
   a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32)
   # plain blocks: these tests are about the KV cache, not the V4 block (tested elsewhere)
   return dataclasses.replace(cfg, vocab_size=97, d_model=64, n_layers=2, attention=a,

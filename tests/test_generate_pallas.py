@@ -20,7 +20,7 @@ STEPS = 4
 
 
 def _tiny(geometry):
-  cfg = config.preset("tiny", geometry)
+  cfg = config.preset("tiny", geometry, sparse="dense")
   a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32)
   return dataclasses.replace(cfg, vocab_size=97, d_model=64, n_layers=2, attention=a,
                              ffn=config.FFNConfig(128))

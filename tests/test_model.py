@@ -13,7 +13,7 @@ from model1.model import Transformer
 
 
 def _tiny(geometry, **attn):
-  cfg = config.preset("tiny", geometry)
+  cfg = config.preset("tiny", geometry, sparse="dense")  # the V4 pattern: test_sparse_attention
   a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32, **attn)
   return dataclasses.replace(cfg, vocab_size=97, d_model=64, n_layers=2, attention=a,
                              ffn=config.FFNConfig(128))

@@ -24,7 +24,7 @@ D = 64
 def _cfg(geometry="model1", n_layers=2, **attn):
   """Tiny width, exact head geometry, plain pre-norm blocks (the attention under test is
   the only moving part; the V4 block around it is tested elsewhere)."""
-  cfg = config.preset("tiny", geometry)
+  cfg = config.preset("tiny", geometry, sparse="dense")
   a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32,
                           index_n_heads=2, attn_chunk=8, **attn)
   return dataclasses.replace(cfg, vocab_size=97, d_model=D, attention=a,
@@ -177,7 +177,7 @@ def test_prefill_then_decode_reproduces_the_full_forward(attn):
   T = max(map(len, seqs))
   toks = jnp.asarray([s + [0] * (T - len(s)) for s in seqs])
   seg = jnp.asarray([[1] * len(s) + [0] * (T - len(s)) for s in seqs])  # one compile
-  full, kvs = nnx.jit(lambda m, t, s: m.prefill(t, jnp.broadcast_to(jnp.arange(T), t.shape),
+  full, kvs, _ = nnx.jit(lambda m, t, s: m.prefill(t, jnp.broadcast_to(jnp.arange(T), t.shape),
                                                 s))(m, toks, seg)
   for b, (p, s) in enumerate(zip(prompts, seqs)):
     want = np.asarray(full)[b, len(p) - 1:len(s) - 1]
