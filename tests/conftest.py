@@ -40,6 +40,15 @@ def shrink(cfg, seq_len=32, batch_size=4, n_layers=2):
   return cfg
 
 
+def plain(cfg):
+  """Dense attention in a plain block (no mHC, MoE or MTP): for tests of the machinery
+  around the model, where the V4 parts only add compile time."""
+  m = cfg.model
+  m.attention.sparse, m.attention.compress_ratios = "dense", ()
+  m.mhc.hc_mult, m.use_moe, m.mtp.n_layers = 1, False, 0
+  return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
   return load_config(ROOT / "configs" / "tiny.py")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, load_config, shrink
+from conftest import ROOT, load_config, plain, shrink
 from model1 import checkpoint, config, sharding, trainer
 
 
@@ -23,6 +23,7 @@ def _losses(workdir):
 def test_tiny_config_loss_falls_on_real_corpus(tmp_path, tiny_cfg):
   cfg = tiny_cfg.copy_and_resolve_references()
   cfg.train.update(steps=30, log_every=1, warmup_steps=5, eval_every=0, progress=False)
+  cfg.mesh.num_devices = 1
   trainer.run(cfg, tmp_path)
   steps, losses = _losses(tmp_path)
   assert steps == list(range(1, 31))
@@ -36,7 +37,9 @@ def test_tiny_config_loss_falls_on_real_corpus(tmp_path, tiny_cfg):
 def _train_cli(workdir, *flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=str(ROOT))
-  cmd = [sys.executable, str(ROOT / "train.py"), "--config=" + str(ROOT / "configs/tiny.py"),
+  # V3.2 heads in a plain block (dense attention and FFN): the resume path is under test
+  cmd = [sys.executable, str(ROOT / "train.py"), "--config=" + str(ROOT / "configs/tiny_v32.py"),
+         "--config.model.use_moe=False", "--config.model.mtp.n_layers=0",
          f"--workdir={workdir}", "--config.data.seq_len=32", "--config.data.batch_size=4",
          "--config.model.n_layers=1", "--config.train.log_every=1",
          "--config.train.eval_every=0", "--config.train.progress=False",
@@ -66,7 +69,7 @@ def _mesh(d, f, t):
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path, tiny_cfg):
-  cfg = shrink(tiny_cfg.copy_and_resolve_references())
+  cfg = plain(shrink(tiny_cfg.copy_and_resolve_references()))  # the layout is under test
   cfg.train.update(steps=2, log_every=1, eval_every=0)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   trainer.run(cfg, tmp_path)
@@ -99,6 +102,7 @@ def test_every_config_trains_two_steps_at_tiny_size(tmp_path, path):
   cfg = cfg.base if "base" in cfg else cfg  # ablation suites: their shared base run
   cfg = shrink(cfg)
   cfg.train.update(steps=2, log_every=1, eval_every=0, ckpt_every=0)
+  cfg.mesh.num_devices = 1  # every config builds and trains; meshes: test_sharding, below
   out = trainer.run(cfg, tmp_path)
   steps, losses = _losses(tmp_path)
   assert out["step"] == 2 and steps == [1, 2] and np.isfinite(losses).all()
