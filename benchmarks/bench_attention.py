@@ -303,10 +303,12 @@ def main(argv=None) -> None:
   print(header.replace("# ", "", 1))
   print(format_row(COLUMNS))
   rows = run(cases, iters, a.xla_max_gib, impls=tuple(a.impls.split(",")))
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(markdown(rows, header))
-    print(f"wrote {a.out}")
+  if a.out:  # appended, dated: RESULTS.md keeps every device's figures
+    import datetime
+    with open(a.out, "a") as f:
+      f.write(f"\n## {datetime.date.today().isoformat()}\n\n" + markdown(rows, header)
+              .replace("# ", "### ", 1))
+    print(f"appended to {a.out}")
 
 
 if __name__ == "__main__":
