@@ -277,7 +277,7 @@ def main(argv=None) -> None:
   p.add_argument("--iters", type=int, default=None, help="calls per timing run")
   p.add_argument("--xla_max_gib", type=float, default=40.0,
                  help="skip the XLA reference when its working set exceeds this")
-  p.add_argument("--out", default="", help="also write the table as markdown here")
+  p.add_argument("--out", default="", help="also append the table (dated) to this markdown file")
   p.add_argument("--dry_run", action="store_true",
                  help="list the cases with FLOPs, bytes and roofline time; run nothing")
   a = p.parse_args(argv)
