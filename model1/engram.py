@@ -118,7 +118,6 @@ class MultiHeadEmbedding(nnx.Module):
       init = lambda k, s, d: jax.device_put(base(k, s, d), HOST)  # noqa: E731
     self.embedding = sharding.param(init, rngs.params(), (self.num_rows, D),
                                     ("engram_rows", "engram_dim"), param_dtype)
-    self.host_table = host_table
     if host_table:
       # Read by whoever builds shardings (NamedSharding(..., memory_kind=...)).
       self.embedding.set_metadata("memory_kind", "pinned_host")
