@@ -1,5 +1,6 @@
 """Training: the loss falls on the real corpus, preemption + resume is exact, checkpoints
 move across mesh shapes, every config trains at tiny size."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT, load_config, plain, shrink
-from model1 import checkpoint, config, sharding, trainer
+from model1 import checkpoint, config, cost, sharding, trainer
+from model1.model import Transformer
 
 
 def _losses(workdir):
@@ -96,9 +98,28 @@ def test_checkpoint_restores_on_another_mesh(tmp_path, tiny_cfg):
   ck.close()
 
 
+def _check_full_size(cfg):
+  """A ``full_size`` config resolves; ``nnx.eval_shape`` (no memory, no compilation) of
+  the model at full width, cut to 4 layers (every layer kind of the released configs) plus
+  its MTP block, has exactly the parameters ``config.param_count`` says; and the full
+  count equals DeepSeek's published totals at their published precision."""
+  m = config.model_config_from_dict(cfg.model)
+  short = dataclasses.replace(m, n_layers=4).validate()
+  abstract = nnx.eval_shape(lambda: Transformer(short, nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == \
+      config.param_count(short)
+  p = cost.param_counts(m)
+  sig2 = lambda x: f"{x:.2g}"  # noqa: E731  published: 671B / 37B, 284B / 13B, 1.6T / 49B
+  assert sig2(p["total"]) == sig2(cfg.published.total), p
+  assert sig2(p["activated_no_embed"]) == sig2(cfg.published.activated), p
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
 def test_every_config_trains_two_steps_at_tiny_size(tmp_path, path):
   cfg = load_config(path)
+  if cfg.get("full_size"):  # DeepSeek-size configs are never allocated: shapes only
+    _check_full_size(cfg)
+    return
   cfg = cfg.base if "base" in cfg else cfg  # ablation suites: their shared base run
   cfg = shrink(cfg)
   cfg.train.update(steps=2, log_every=1, eval_every=0, ckpt_every=0)
