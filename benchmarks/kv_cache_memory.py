@@ -43,6 +43,39 @@ def rows(budget_gib: float, n_layers_v32: int, n_layers_model1: int, block_size:
   return out
 
 
+def model_context(config: str, budget_gib: float, block_size: int) -> tuple[str, int, dict]:
+  """(label, longest context L whose caches fit in the budget, bytes by part at that L)."""
+  import dataclasses
+  import importlib.util
+  from pathlib import Path
+
+  root = Path(__file__).resolve().parents[1]
+  if str(root) not in sys.path:  # this checkout's model1, not an installed copy
+    sys.path.insert(0, str(root))
+  from model1 import config as mconfig
+  from model1 import cost
+  path = Path(config)
+  if not path.suffix:
+    path = root / "configs" / f"{config}.py"
+  if not path.is_file():
+    raise ValueError(f"--config={config!r}: no such config file {path}; expected a name "
+                     f"in configs/ (v32_671b, v4_flash, v4_pro) or a path")
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mconfig.model_config_from_dict(mod.get_config().model)
+  storage = dataclasses.replace(cost.DEPLOYED, block_size=block_size)
+  budget = budget_gib * GIB
+  lo, hi = 0, 1
+  while cost.kv_cache_bytes(cfg, hi, storage).total <= budget and hi < 1 << 40:
+    lo, hi = hi, 2 * hi
+  while hi - lo > 1:  # the bytes grow with L: bisect for the last L that fits
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if cost.kv_cache_bytes(cfg, mid, storage).total <= budget else (lo, mid)
+  parts = cost.kv_cache_bytes(cfg, max(lo, 1), storage).by_part
+  return path.stem, lo, parts
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--budget_gib", type=float, default=80.0, help="KV-cache memory budget (GiB)")
@@ -50,7 +83,18 @@ def main(argv=None) -> None:
   p.add_argument("--n_layers_v32", type=int, default=61, help="layers, V32 geometry")
   p.add_argument("--n_layers_model1", type=int, default=43, help="layers, MODEL1 geometry")
   p.add_argument("--block_size", type=int, default=64, help="tokens per page block")
+  p.add_argument("--config", default="", help="a full-size model config: count its real "
+                 "caches with model1.cost (v32_671b, v4_flash, v4_pro or a path)")
   a = p.parse_args(argv)
+  if a.config:
+    try:
+      name, L, parts = model_context(a.config, a.budget_gib, a.block_size)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    print(f"{name}: one sequence of up to {L:,} tokens fits in {a.budget_gib:g} GiB; "
+          f"at that length (GiB): " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in parts.items()))
+    return
   n32 = a.n_layers or a.n_layers_v32
   nm1 = a.n_layers or a.n_layers_model1
   print(f"budget {a.budget_gib:g} GiB, page block {a.block_size} tokens")

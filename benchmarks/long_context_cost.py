@@ -135,6 +135,49 @@ def params_md(rows: list[dict]) -> str:
       f"{100 * r['activated_err']:+.2f}% | {r['activated'] / 1e9:.2f} |\n" for r in rows)
 
 
+# DeepSeek-V4 report (sec. 2.3.4 and the model cards): at 1M tokens, relative to V3.2
+CLAIMED_1M = {"v4_flash": dict(flops=0.10, kv=0.07), "v4_pro": dict(flops=0.27, kv=0.10)}
+GQA8_BF16_BYTES = 2 * 8 * 128 * 2   # K and V, 8 KV heads of 128, bf16: per token per layer
+
+
+def notes_md(ms: dict, rows: list[dict]) -> str:
+  """DeepSeek's stated 1M-token ratios against ours, and the BF16 GQA-8 comparison."""
+  L = max(r["L"] for r in rows)
+  out = [f"\n## Against DeepSeek's statements (L = {fmt_len(L)})\n",
+         "| model | FP8-eq FLOPs vs V3.2 (ours / stated) | KV vs V3.2 (ours / stated) | "
+         "KV vs BF16 GQA-8 of the same depth (stated: ~2%) |", "|---|---|---|---|"]
+  for name, claim in CLAIMED_1M.items():
+    r = next(r for r in rows if r["model"] == name and r["L"] == L)
+    gqa = ms[name][0].n_layers * L * GQA8_BF16_BYTES
+    out.append(f"| {LABELS[name]} | {r['fp8eq_vs_v32']:.3f} / {claim['flops']:.2f} | "
+               f"{r['kv_vs_v32']:.3f} / {claim['kv']:.2f} | "
+               f"{r['kv_gib'] * cost.GIB / gqa:.3f} |")
+  return "\n".join(out) + "\n"
+
+
+NOTES = """
+## Notes
+
+* KV GiB is everything one sequence holds with the released storage formats: FP8 key
+  vectors in FlashMLA's layouts (V3.2 656 B, V4 584 B), V3.2's FP8 indexer keys (132 B per
+  token), V4's FP4 indexer keys (68 B per CSA entry), V4's window ring (128 slots per
+  layer) and compressor states (fp32). Token caches are counted in whole 64-token page
+  blocks; FlashMLA's 576-byte alignment of V4 page blocks (+0.17%) is not counted.
+* FP8-equivalent FLOPs weight each term by (FP8 peak / its precision's peak): FP4 x FP4
+  (V4 indexer) 0.5, FP4 x FP8 (V4 routed experts) and FP8 1, bf16 (attention core over the
+  dequantised cache, V4 `wo_a`, LM head) 2, fp32 (V4 compressors, mHC, router) 4 — the
+  DeepSeek-V4 report's stated convention ("measured in equivalent FP8 FLOPs"; FP4 x FP8
+  runs at the FP8 rate on current hardware). Raw FLOPs are in the table too.
+* The MTP module is not counted (no speculative decoding); `--mtp` adds it.
+* DeepSeek-V3.2 was released with a 160K context; its rows beyond that extrapolate the
+  same formulas (as DeepSeek's own 1M comparison does).
+* Parameters: `total` excludes the MTP module, `activated` excludes the input embedding
+  (a lookup, not a matmul) and includes the LM head. DeepSeek publishes two significant
+  figures; every exact count here rounds to exactly the published figure (V4-Pro's 1.6T
+  also matches its count with the MTP module, 1598.8B).
+"""
+
+
 def plot(rows: list[dict], path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -184,6 +227,7 @@ def main(argv=None) -> int:
     rows = table(ms, lengths, STORAGES[a.storage], a.mtp)
     print(f"storage={a.storage} mtp={a.mtp}; ratios are to DeepSeek-V3.2 (DSA)")
     print(table_md(rows))
+    print(notes_md(ms, rows))
     prow = params(ms, a.eval_shape) if (a.params or a.out) else []
     if a.params:
       print(params_md(prow))
@@ -202,7 +246,8 @@ def main(argv=None) -> int:
           f"# Long-context cost: KV cache per sequence and FLOPs per new token\n\n"
           f"Written by `python benchmarks/long_context_cost.py` (storage={a.storage}, "
           f"mtp={a.mtp}). Formulas: `model1/cost.py`. Ratios are to DeepSeek-V3.2.\n\n"
-          + table_md(rows) + "\n## Parameters\n\n" + params_md(prow))
+          + table_md(rows) + notes_md(ms, rows) + "\n## Parameters\n\n"
+          + params_md(prow) + NOTES)
       plot(rows, out / "plot.png")
       print(f"wrote {out}/results.md, results.json, plot.png")
     return 0
