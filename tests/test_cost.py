@@ -172,3 +172,46 @@ def test_attended_keys_match_decode_indices(run):
         main_B, [a.get("tokens", 0) + a.get("window", 0) for a in att], err_msg=name)
     np.testing.assert_array_equal(extra_B, [a.get("compressed", 0) for a in att],
                                   err_msg=name)
+
+
+FULL = ("v32_671b", "v4_flash", "v4_pro")
+
+
+def _full(name):
+  from conftest import ROOT, load_config
+  return config.model_config_from_dict(load_config(ROOT / "configs" / f"{name}.py").model)
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_matmul_flops_are_twice_the_activated_parameters(name):
+  """Two independent counts agree: the FLOP formulas' weight matmuls (everything but the
+  attention core and the indexer's scoring) at L = 1 are 2 x the parameters a token
+  activates (config.param_count, which tests check against the model's shapes)."""
+  cfg = _full(name)
+  f = cost.decode_flops(cfg, 1)
+  mm = sum(v for k, v in f.items() if k not in ("attn_core", "indexer_scores", "mhc"))
+  act = cost.param_counts(cfg)["activated_no_embed"]
+  # the rest are norm weights, ape, sinks and mHC's fn (whose FLOPs are the "mhc" term)
+  assert abs(mm / (2 * act) - 1) < 0.005, (mm, 2 * act)
+
+
+def test_benchmark_writes_table_json_and_plot(tmp_path, capsys):
+  import importlib.util as iu
+
+  from conftest import ROOT
+  spec = iu.spec_from_file_location("lcc", ROOT / "benchmarks" / "long_context_cost.py")
+  mod = iu.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.main(["--out", str(tmp_path), "--lengths", "4096,1048576"]) == 0
+  import json
+  res = json.loads((tmp_path / "results.json").read_text())
+  rows = {(r["model"], r["L"]): r for r in res["rows"]}
+  for name in FULL:  # the table is the cost model's, ratios to V3.2 at the same L
+    s = cost.summary(_full(name), 1048576)
+    assert rows[(name, 1048576)]["kv_gib"] == s["kv_gib"]
+    assert rows[(name, 1048576)]["gflops_fp8eq"] == s["gflops_fp8eq"]
+  assert rows[("v32_671b", 4096)]["kv_vs_v32"] == 1.0
+  assert (tmp_path / "plot.png").stat().st_size > 10_000
+  assert "| 1M | DeepSeek-V4-Pro |" in (tmp_path / "results.md").read_text()
+  assert mod.main(["--out", "", "--lengths", "0"]) == 1
+  assert "error: --lengths='0'" in capsys.readouterr().err
