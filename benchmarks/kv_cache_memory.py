@@ -1,8 +1,8 @@
 """KV-cache memory per token and the context that fits in a memory budget.
 
-What: for each cache format (FlashMLA's, see pallas_kernels/fp8_cache.py) prints the bytes one token costs in one layer,
-in all layers, the bytes per token once page blocks are padded (model1 pads each block to a
-multiple of 576 bytes), how many tokens of context fit in ``--budget_gib``, and the ratio to
+What: for each cache format (FlashMLA's, see ``pallas_kernels/fp8_cache.py``) prints the
+bytes one token costs in one layer, in all layers, the bytes per token once page blocks
+are padded (model1 pads each block to a multiple of 576 bytes), how many tokens of context fit in ``--budget_gib``, and the ratio to
 the bf16 cache of the same geometry:
   V32     (576-dim MLA latent+RoPE):  bf16 576*2 = 1152 B,  FP8 656 B
   MODEL1  (512-dim key = value):      bf16 512*2 = 1024 B,  FP8 584 B
