@@ -2,16 +2,23 @@
 
 What: for each cache format (FlashMLA's, see ``pallas_kernels/fp8_cache.py``) prints the
 bytes one token costs in one layer, in all layers, the bytes per token once page blocks
-are padded (model1 pads each block to a multiple of 576 bytes), how many tokens of context fit in ``--budget_gib``, and the ratio to
-the bf16 cache of the same geometry:
+are padded (model1 pads each block to a multiple of 576 bytes), how many tokens of
+context fit in ``--budget_gib``, and the ratio to the bf16 cache of the same geometry:
   V32     (576-dim MLA latent+RoPE):  bf16 576*2 = 1152 B,  FP8 656 B
   MODEL1  (512-dim key = value):      bf16 512*2 = 1024 B,  FP8 584 B
 One cached vector per token per layer (MLA's single KV head).  Layer counts default to the
-released models (DeepSeek-V3.2: 61 layers; DeepSeek-V4-Flash: 43); V4's compressed layers
-hold fewer entries per token, which a model-config-aware version can account for later.
+released models (DeepSeek-V3.2: 61 layers; DeepSeek-V4-Flash: 43).
+
+That table treats every layer as a dense token cache. ``--config v4_flash`` (or v4_pro,
+v32_671b, or a path to a config file) instead asks the long-context cost model
+(``model1.cost``) what one sequence of that model really holds -- V4's window ring, its
+CSA (1/4) and HCA (1/128) entries, the indexers' own keys, V3.2's indexer cache -- and
+prints the longest context whose caches fit in ``--budget_gib`` (per-context tables:
+``benchmarks/long_context_cost.py``).
 
 Usage:  python benchmarks/kv_cache_memory.py --budget_gib 80 --block_size 64
-Imports only pallas_kernels, numpy and the standard library.
+        python benchmarks/kv_cache_memory.py --budget_gib 80 --config v4_pro
+Without ``--config`` it imports only pallas_kernels, numpy and the standard library.
 """
 from __future__ import annotations
 
