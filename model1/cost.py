@@ -279,7 +279,7 @@ def _attention_flops(cfg: ModelConfig, layer_id: int, L: int) -> dict[str, float
     if r:
       coff = 2 if r == 4 else 1
       f["compressor"] = 2 * 2 * D * coff * Hd + 2 * coff * Hd
-  if a.sparse == "dsa" or "window" in att and a.compress_ratio(layer_id) == 4:
+  if a.sparse == "dsa" or a.compress_ratio(layer_id) == 4:   # layers with an indexer
     M = att["scored"]       # the projections run for every token, even before M > 0
     if a.sparse == "dsa":
       f["indexer_proj"] = 2 * (Q * I * J + D * J)
