@@ -22,8 +22,10 @@ extra cache, whose loop keeps a second state live).  Untimed: tune on the GPU.
 The split heuristic (FlashMLA's ``get_mla_metadata`` balances the same trade-off): with P
 programs of K key bytes each on ``num_sms`` SMs, s splits put ceil(P s / sms) waves of K/s
 bytes on the busiest SM, and cost the fp32 partials (out + lse per row) written by the
-kernel and read back by the combine, spread over all SMs.  The chosen s minimises
-    ceil(P s / sms) * K / s  +  [s > 1] * 2 * P * s * partial_bytes / sms
+kernel and read back by the combine, spread over all SMs, plus the combine's launch
+(~4 us, counted as the bytes one SM streams in that time: 4 us x 4.3 TB/s / 132).  The
+chosen s minimises
+    ceil(P s / sms) * K / s  +  [s > 1] * (2 * P * s * partial_bytes / sms + launch)
 over 1 <= s <= min(key blocks, 64); ties go to fewer splits.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.fp8_cache import require
 
 MAX_SPLITS = 64
+COMBINE_LAUNCH_BYTES = 4e-6 * 4.3e12 / 132     # one SM's share of H200 HBM for ~4 us
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,7 @@ def choose_num_splits(tuning: KernelTuning, *, programs: int, kv_bytes_per_progr
     waves = -(-programs * s // sms)
     cost = waves * kv_bytes_per_program / s
     if s > 1:
-      cost += 2 * programs * s * partial_bytes_per_split / sms
+      cost += 2 * programs * s * partial_bytes_per_split / sms + COMBINE_LAUNCH_BYTES
     if best_cost is None or cost < best_cost:
       best, best_cost = s, cost
   return best

@@ -331,7 +331,8 @@ def _export_cuda(f, *args):
   lowering asks the device for its compute capability; an abstract mesh carrying an
   abstract H200 (sm_90) answers for it.  Triton IR has no stability guarantee, so export
   refuses the Triton custom call unless that check is disabled."""
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H200)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                  abstract_device=H200)
   with jax.sharding.use_abstract_mesh(mesh):
     exp = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[TRITON])(*args)
   return exp.mlir_module()
