@@ -57,18 +57,36 @@ class Tile:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackedAddress:
+  """Where a token's parts sit in FlashMLA packed bytes read as uint16 words ``[R, C]``.
+
+  Token row t is word row t // tokens_per_row; with o = t % tokens_per_row its data
+  (codes, then RoPE) starts at word o * token_words and its scales at scale_word +
+  o * scale_words.  v32 ``[Z*Y, 328]``: one token per row, RoPE at word 264, 4 fp32
+  scales at words 256-263.  model1 ``[Z, block/2]``: Y tokens per row of 288 data words,
+  RoPE at word 224, 7 ue8m0 scale bytes at word Y*288 + o*4."""
+  tokens_per_row: int
+  token_words: int
+  rope_word: int
+  scale_word: int
+  scale_words: int
+
+
+@dataclasses.dataclass(frozen=True)
 class KeyLayout:
   fmt: str                        # "v32" | "model1" | "bf16"
   d_qk: int
   d_v: int
   tiles: tuple[Tile, ...]
+  packed: PackedAddress | None = None
 
   @property
   def value_tiles(self) -> tuple[Tile, ...]:
     return tuple(t for t in self.tiles if t.value)
 
 
-def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0) -> KeyLayout:
+def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0,
+               packed: PackedAddress | None = None) -> KeyLayout:
   """Tiling of a ``d_qk``-wide key whose first ``d_v`` dims are the value.
 
   ``rope_col``: column of the RoPE part inside the rope ref (0 for a KCache, whose rope is
@@ -84,7 +102,7 @@ def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0) -> KeyLayout:
   tiles = [Tile(0, i * width, width, i if scaled else None, i * width, i * width < d_v)
            for i in range(d_nope // width)]
   tiles.append(Tile(1, rope_col, D_ROPE, None, d_nope, d_v == d_qk))
-  return KeyLayout(fmt, d_qk, d_v, tuple(tiles))
+  return KeyLayout(fmt, d_qk, d_v, tuple(tiles), packed)
 
 
 class KeyRefs(NamedTuple):
@@ -115,8 +133,11 @@ def dequant(codes_XW: jax.Array, scale_X: jax.Array, fmt: str) -> jax.Array:
 def load_keys(layout: KeyLayout, refs: KeyRefs, rows_X: jax.Array, valid_X: jax.Array):
   """Gather and dequantise X keys -> list of bf16 ``[X, w]`` tiles, zero at invalid keys.
 
-  rows_X must already be in range (callers clamp invalid ones to 0): the loads are masked,
-  but interpret mode reads them, and the select below is what makes the zeros exact."""
+  rows_X (token rows) must already be in range (callers clamp invalid ones to 0): the
+  loads are masked, but interpret mode reads them, and the select below is what makes
+  the zeros exact."""
+  if layout.packed is not None:
+    return _load_packed_keys(layout, refs.nope, rows_X, valid_X)
   tiles = []
   for t in layout.tiles:
     ref = refs.nope if t.src == 0 else refs.rope
@@ -131,6 +152,40 @@ def load_keys(layout: KeyLayout, refs: KeyRefs, rows_X: jax.Array, valid_X: jax.
     if t.scale_col is not None:
       scale_X = plgpu.load(refs.scales.at[rows_X, t.scale_col], mask=valid_X)
       k_XW = dequant(raw_XW, scale_X, layout.fmt)
+    tiles.append(jnp.where(valid_X[:, None], k_XW, jnp.zeros_like(k_XW)))
+  return tiles
+
+
+def _load_packed_keys(layout: KeyLayout, words_ref, rows_X, valid_X):
+  """``load_keys`` straight from FlashMLA packed bytes (uint16 words, ``PackedAddress``):
+  codes split into bytes, RoPE words bitcast to bf16, fp32 scales joined from two words,
+  ue8m0 scales picked out of one."""
+  a = layout.packed
+  r_X = rows_X // a.tokens_per_row
+  o_X = rows_X % a.tokens_per_row
+  data_X = o_X * a.token_words
+  scale_X0 = a.scale_word + o_X * a.scale_words
+  load = lambda cols, mask: plgpu.load(words_ref.at[r_X[:, None] if cols.ndim == 2 else r_X, cols],
+                                       mask=mask)
+  tiles = []
+  for t in layout.tiles:
+    w = t.width if t.src == 1 else t.width // 2
+    cols_XW = data_X[:, None] + jax.lax.broadcasted_iota(jnp.int32, (1, w), 1) + (
+        a.rope_word if t.src == 1 else t.col // 2)
+    words_XW = load(cols_XW, valid_X[:, None])
+    if t.src == 1:
+      tiles.append(jnp.where(valid_X[:, None],
+                             jax.lax.bitcast_convert_type(words_XW, jnp.bfloat16),
+                             jnp.zeros((rows_X.shape[0], w), jnp.bfloat16)))
+      continue
+    if layout.fmt == "v32":                               # fp32 = low word | high word << 16
+      lo = load(scale_X0 + 2 * t.scale_col, valid_X).astype(jnp.uint32)
+      hi = load(scale_X0 + 2 * t.scale_col + 1, valid_X).astype(jnp.uint32)
+      scale = jax.lax.bitcast_convert_type(lo | (hi << 16), jnp.float32)
+    else:                                                 # ue8m0 byte k of the token's 8
+      word = load(scale_X0 + t.scale_col // 2, valid_X)
+      scale = ((word >> (8 * (t.scale_col % 2))) & 0xFF).astype(jnp.uint8)
+    k_XW = dequant(unpack_code_words(words_XW), scale, layout.fmt)
     tiles.append(jnp.where(valid_X[:, None], k_XW, jnp.zeros_like(k_XW)))
   return tiles
 

@@ -6,13 +6,14 @@ A cache argument is one of
     decode): read in place, the same array passed twice to the kernel (NoPE tiles from
     column 0, the RoPE tile from column d - 64), so it is never split or copied;
   * FlashMLA packed bytes (v32 ``[Z, Y, 1, 656]``, model1 ``[Z, padded]`` or
-    ``[Z, Y, 1, 584]``): converted to a ``KCache`` by ``as_kcache`` - one full pass over
-    the cache per call (Triton cannot reinterpret packed bytes as bf16/fp32; its bitcasts
-    need equal widths).  Convert once with ``KCache.from_packed_bytes`` and pass the
-    KCache to avoid it.
+    ``[Z, Y, 1, 584]``; uint8 or float8_e4m3fn): wrapped in a ``PackedCache`` and read in
+    place too.  Triton cannot bitcast between different widths, so the kernels view the
+    bytes as uint16 words and rebuild each part in registers (``_tiles``): codes split
+    into bytes, RoPE words bitcast to bf16, fp32 scales joined from two words, ue8m0
+    scales picked from one.  (The XLA reference converts them to a ``KCache``.)
 ``kernel_operands`` flattens leading dims (row-major reshapes: XLA bitcasts) and views
-FP8 codes as uint16 pairs (``code_words``: a bitcast too), so no cache-sized buffer is
-made on the way to the kernel.
+bytes and FP8 codes as uint16 pairs (``code_words``: a bitcast too), so no cache-sized
+buffer is made on the way to the kernel.
 
 Why uint16 codes (64-bit-safe addressing): Pallas Triton (jax 0.11) computes a load's
 element offsets in int32 unless the whole array exceeds 2^32 bytes, when it switches to
@@ -24,13 +25,50 @@ Letter key: Z page blocks, Y tokens per block, K KV heads, H head dim, N rows.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.fp8_cache import D_ROPE, KCache, as_kcache, require
+from pallas_kernels._tiles import PackedAddress
+from pallas_kernels.fp8_cache import D_ROPE, GEOMETRY, KCache, as_kcache, require
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedCache:
+  """FlashMLA packed bytes, validated, as given (uint8): v32 ``[Z, Y, 656]``, model1
+  ``[Z, block_bytes]`` (padded, or Y * 584 unpadded).  A pytree (``fmt`` and
+  ``block_size`` static)."""
+  data: Any
+  fmt: str
+  block_size: int
+
+  @property
+  def num_blocks(self) -> int:
+    return self.data.shape[0]
+
+  def to_kcache(self) -> KCache:
+    return KCache.from_packed_bytes(self.data, self.fmt, self.block_size)
+
+
+jax.tree_util.register_dataclass(PackedCache, data_fields=["data"],
+                                 meta_fields=["fmt", "block_size"])
+
+
+def _packed(k_cache, name: str) -> PackedCache | None:
+  """Packed bytes -> PackedCache (shape checks as ``as_kcache``); None if not bytes."""
+  if not (hasattr(k_cache, "dtype") and k_cache.dtype in (jnp.uint8, jnp.float8_e4m3fn)):
+    return None
+  # The shape checks of as_kcache, traced abstractly (nothing is converted).
+  kc = jax.eval_shape(lambda x: as_kcache(x, name), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype))
+  data = k_cache
+  if data.dtype == jnp.float8_e4m3fn:
+    data = jax.lax.bitcast_convert_type(data, jnp.uint8)                    # same width: a view
+  if kc.fmt == "v32":
+    return PackedCache(data.reshape(data.shape[0], data.shape[1], 656), "v32", kc.block_size)
+  return PackedCache(data.reshape(data.shape[0], -1), "model1", kc.block_size)
 
 
 def is_bf16_pages(k_cache: Any) -> bool:
@@ -47,7 +85,9 @@ def accept_cache(k_cache: Any, name: str = "k_cache", *, max_kv_heads: int | Non
             f"{name} shape={tuple(k_cache.shape)}: expected bf16 [Z, Y, "
             f"{'1' if max_kv_heads == 1 else 'h_kv'}, 576 or 512]")
     return k_cache
-  return as_kcache(k_cache, name)
+  if isinstance(k_cache, PackedCache):
+    return k_cache
+  return _packed(k_cache, name) or as_kcache(k_cache, name)
 
 
 class CacheInfo(NamedTuple):
@@ -65,6 +105,8 @@ class CacheInfo(NamedTuple):
 def info(cache) -> CacheInfo:
   if isinstance(cache, KCache):
     return CacheInfo(cache.fmt, cache.num_blocks, cache.block_size, 1, cache.head_dim)
+  if isinstance(cache, PackedCache):
+    return CacheInfo(cache.fmt, cache.num_blocks, cache.block_size, 1, GEOMETRY[cache.fmt].d)
   z, y, k, d = cache.shape
   return CacheInfo("bf16", z, y, k, d)
 
@@ -74,6 +116,8 @@ def gather_bf16(cache, slots: jax.Array) -> jax.Array:
   out-of-range slots are clamped (callers mask them).  Touches only the gathered rows."""
   if isinstance(cache, KCache):
     return cache.gather_bf16(slots)
+  if isinstance(cache, PackedCache):                    # the reference: convert, then gather
+    return cache.to_kcache().gather_bf16(slots)
   z, y, k, d = cache.shape
   flat = jnp.clip(slots, 0, z * y - 1)
   return cache.reshape(z * y * k, d)[flat * k]
@@ -86,6 +130,7 @@ class Operands(NamedTuple):
   rope: jax.Array              # bf16 [N, 64] (or the whole bf16 key, read from rope_col)
   scales: jax.Array | None     # v32 fp32 [N, 4], model1 uint8 [N, 7], bf16 None
   rope_col: int
+  packed: PackedAddress | None = None     # packed bytes: nope = rope = the uint16 words
 
 
 def kernel_operands(cache, name: str = "k_cache") -> Operands:
@@ -96,6 +141,17 @@ def kernel_operands(cache, name: str = "k_cache") -> Operands:
     if nope.dtype == jnp.float8_e4m3fn:
       nope = code_words(nope)
     ops = Operands(cache.fmt, nope, flat(cache.rope), flat(cache.scales), 0)
+  elif isinstance(cache, PackedCache):
+    y = cache.block_size
+    if cache.fmt == "v32":
+      words = code_words(cache.data.reshape(-1, 656))                       # [Z*Y, 328]
+      addr = PackedAddress(tokens_per_row=1, token_words=0, rope_word=264, scale_word=256,
+                           scale_words=0)
+    else:
+      words = code_words(cache.data)                                        # [Z, bytes/2]
+      addr = PackedAddress(tokens_per_row=y, token_words=288, rope_word=224,
+                           scale_word=y * 288, scale_words=4)
+    ops = Operands(cache.fmt, words, words, None, 0, addr)
   else:
     z, y, k, d = cache.shape
     flat = cache.reshape(z * y * k, d)
@@ -108,7 +164,7 @@ def kernel_operands(cache, name: str = "k_cache") -> Operands:
 
 
 def code_words(codes_NP: jax.Array) -> jax.Array:
-  """fp8 ``[N, P]`` -> uint16 ``[N, P/2]``, word j = code 2j (low byte) | code 2j+1 << 8."""
+  """fp8 / uint8 ``[N, P]`` -> uint16 ``[N, P/2]``, word j = byte 2j | byte 2j+1 << 8."""
   n, p = codes_NP.shape
   return jax.lax.bitcast_convert_type(codes_NP.reshape(n, p // 2, 2), jnp.uint16)
 

@@ -197,8 +197,8 @@ def _pallas_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_di
   b, s_q, h_q, d = q.shape
   ci = cache_view.info(cache)
   num_blocks, block_size, h_kv = ci.num_blocks, ci.block_size, ci.h_kv
-  fmt, nope, rope, scales, rope_col = cache_view.kernel_operands(cache, "k_cache")
-  layout = _tiles.key_layout(fmt, d, head_dim_v, rope_col)
+  fmt, nope, rope, scales, rope_col, packed = cache_view.kernel_operands(cache, "k_cache")
+  layout = _tiles.key_layout(fmt, d, head_dim_v, rope_col, packed)
   g = h_q // h_kv
   rows = s_q * g
   block_m = tuning.rows_per_program(rows)
@@ -271,8 +271,8 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
   Args:
     q: bf16 ``[b, s_q, h_q, d_qk]``.
     k_cache: ``KCache`` (v32 / model1 / bf16), a bf16 array ``[num_blocks, block_size,
-      h_kv, d_qk]`` with h_q a multiple of h_kv (read in place), or FlashMLA packed bytes
-      (converted once per call; see ``cache_view``).
+      h_kv, d_qk]`` with h_q a multiple of h_kv, or FlashMLA packed bytes; all read in
+      place (see ``cache_view``).
     block_table: int32 ``[b, max_blocks]``: page blocks of each sequence, in order.
     cache_seqlens: int32 ``[b]``: tokens in each sequence (checked when concrete).
     head_dim_v: value dims (the first head_dim_v of the key).

@@ -196,24 +196,22 @@ def sparse_decode_reference(q, k_cache, indices, *, head_dim_v, softmax_scale=No
 
 
 def _sparse_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref, *rest,
-                   layout, extra_layout, has_scales, has_extra, s_q, block_h, block_k,
-                   num_splits, final):
-  n_cache = 3 if has_scales else 2
+                   layout, extra_layout, has_scales, extra_has_scales, has_extra, s_q,
+                   block_h, block_k, num_splits, final, num_tokens, extra_num_tokens):
   main = _tiles.KeyRefs(nope_ref, rope_ref, rest[0] if has_scales else None)
-  rest = rest[n_cache - 2:]
+  rest = rest[1 if has_scales else 0:]
   if has_extra:
     elen_ref, eidx_ref = rest[0], rest[1]
-    extra = _tiles.KeyRefs(rest[2], rest[3], rest[4] if has_scales else None)
+    extra = _tiles.KeyRefs(rest[2], rest[3], rest[4] if extra_has_scales else None)
   o_ref, lse_ref = rest[-2:]
   i, split = pl.program_id(0), pl.program_id(1)
   b = i // s_q
   scale = scale_ref[0]
   q_tiles = _tiles.load_q(layout, q_ref)
 
-  def chunk_step(refs, lay, ind_ref, length, c, state):
+  def chunk_step(refs, lay, num_rows, ind_ref, length, c, state):
     x_X = c * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     idx_X = ind_ref[i, pl.ds(c * block_k, block_k)]
-    num_rows = refs.nope.shape[0]
     valid_X = (idx_X >= 0) & (idx_X < num_rows) & (x_X < length)
     k_tiles = _tiles.load_keys(lay, refs, jnp.where(valid_X, idx_X, 0), valid_X)
     return _tiles.softmax_step(lay, state, q_tiles, k_tiles, valid_X[None, :], scale)
@@ -228,13 +226,18 @@ def _sparse_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_
   c0, c1 = _tiles.split_range(n_total, split, num_splits)
   state = _tiles.init_state(layout, block_h)
   state = jax.lax.fori_loop(c0, jnp.minimum(c1, n_main),
-                            functools.partial(chunk_step, main, layout, idx_ref, length), state)
+                            functools.partial(chunk_step, main, layout, num_tokens, idx_ref, length), state)
   if has_extra:
     state = jax.lax.fori_loop(jnp.maximum(c0 - n_main, 0), jnp.maximum(c1 - n_main, 0),
-                              functools.partial(chunk_step, extra, extra_layout, eidx_ref, elength), state)
+                              functools.partial(chunk_step, extra, extra_layout, extra_num_tokens, eidx_ref, elength), state)
   tiles, lse_M = _tiles.epilogue(state, sink_ref[...], final)
   _tiles.store_value_tiles(layout, o_ref, tiles)
   lse_ref[...] = lse_M
+
+
+def _refs(ops: cache_view.Operands) -> list:
+  """Kernel operands of a cache: nope, rope (the same words for packed bytes), scales."""
+  return [a for a in (ops.nope, ops.rope, ops.scales) if a is not None]
 
 
 def _pad_last(x, multiple: int, value):
@@ -247,7 +250,7 @@ def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra
                  extra_indices, extra_topk_length, *, head_dim_v, tuning, interpret):
   b, s_q, h_q, d = q.shape
   main = cache_view.kernel_operands(cache, "k_cache")
-  layout = _tiles.key_layout(main.fmt, d, head_dim_v, main.rope_col)
+  layout = _tiles.key_layout(main.fmt, d, head_dim_v, main.rope_col, main.packed)
   block_h = tuning.rows_per_program(h_q)
   n_hb = -(-h_q // block_h)
   h_pad = n_hb * block_h - h_q
@@ -259,15 +262,15 @@ def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra
   n_chunks = idx_RX.shape[-1] // tuning.block_k
   attended = indices.shape[-1]
   operands = [topk_length, softmax_scale.reshape(1), q_RNH, sink_N, idx_RX,
-              *[a for a in main[1:4] if a is not None]]
+              *_refs(main)]
   extra_layout = None
   if has_extra:
     extra = cache_view.kernel_operands(extra_cache, "extra_k_cache")
-    extra_layout = _tiles.key_layout(extra.fmt, d, head_dim_v, extra.rope_col)
+    extra_layout = _tiles.key_layout(extra.fmt, d, head_dim_v, extra.rope_col, extra.packed)
     eidx_RX = _pad_last(extra_indices.reshape(b * s_q, -1), tuning.block_k, -1)
     n_chunks += eidx_RX.shape[-1] // tuning.block_k
     attended += extra_indices.shape[-1]
-    operands += [extra_topk_length, eidx_RX, *[a for a in extra[1:4] if a is not None]]
+    operands += [extra_topk_length, eidx_RX, *_refs(extra)]
   bpt = bytes_per_token(main.fmt, d)
   splits = choose_num_splits(tuning, programs=b * s_q * n_hb,
                              kv_bytes_per_program=attended * bpt,
@@ -276,8 +279,11 @@ def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra
   final = splits == 1
   kernel = functools.partial(
       _sparse_kernel, layout=layout, extra_layout=extra_layout,
-      has_scales=main.scales is not None, has_extra=has_extra,
-      s_q=s_q, block_h=block_h, block_k=tuning.block_k, num_splits=splits, final=final)
+      has_scales=main.scales is not None,
+      extra_has_scales=has_extra and extra.scales is not None, has_extra=has_extra,
+      s_q=s_q, block_h=block_h, block_k=tuning.block_k, num_splits=splits, final=final,
+      num_tokens=cache_view.info(cache).num_tokens,
+      extra_num_tokens=cache_view.info(extra_cache).num_tokens if has_extra else 0)
   whole = pl.no_block_spec
   in_specs = [whole, whole, pl.BlockSpec((None, block_h, d), lambda i, s, j: (i, j, 0)),
               pl.BlockSpec((block_h,), lambda i, s, j: (j,))] + [whole] * (len(operands) - 4)
@@ -312,7 +318,7 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
   Args:
     q: bf16 ``[b, s_q, h_q, d_qk]`` (d_qk 576 for v32, 512 for model1).
     k_cache: ``KCache`` (v32 / model1 / bf16), a bf16 array ``[Z, Y, 1, d_qk]`` (read in
-      place), or FlashMLA packed bytes (converted once per call; see ``cache_view``).
+      place), or FlashMLA packed bytes (read in place too; see ``cache_view``).
     indices: int32 ``[b, s_q, topk]``, block * block_size + offset, -1 = invalid.  Concrete
       indices are checked against the cache (ValueError); under jit, out-of-range = invalid.
     head_dim_v: value dims (the first head_dim_v of the key; 512 for both geometries).
