@@ -9,18 +9,21 @@ and run on the device, compared with the plain-jnp references.
     codes, 2.7 GB in all) whose last tokens are picked, so their byte offsets pass 2^31.
 Run by ``benchmarks/gpu_check.sh`` on the H200 machine.
 """
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import dense_decode as dd_mod
-from pallas_kernels import sparse_decode as sd_mod
-from pallas_kernels import sparse_prefill as sp_mod
 from pallas_kernels.tuning import KernelTuning
 from test_kernels import (DENSE_CASES, DV, PREFILL_CASES, SPARSE_CASES, _dense_case,
                           _prefill_case, _sparse_case, assert_attention_close, randn, vmax)
+
+# The modules (the package re-exports functions of the same names).
+sd_mod, dd_mod, sp_mod = (importlib.import_module(f"pallas_kernels.{m}")
+                          for m in ("sparse_decode", "dense_decode", "sparse_prefill"))
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
