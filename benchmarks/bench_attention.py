@@ -1,6 +1,6 @@
 """Attention kernel benchmark: the Pallas (Triton) kernels against the XLA references.
 
-What: FlashMLA's benchmark shapes (DESIGN.md §7) and a dense-decode sweep, timed for each
+What: FlashMLA's benchmark shapes and a dense-decode sweep, timed for each
 implementation (``impl="xla"`` plain-jnp reference, ``impl="pallas"`` kernel):
   sparse decode, V32:    b=128, h_q=128, s_q=2, top-k 2048, s_k 8192..32768 per sequence,
                          FP8 656 B/token (FlashMLA's "FP8 sparse decode 410 TFLOP/s" shape);
@@ -10,7 +10,7 @@ implementation (``impl="xla"`` plain-jnp reference, ``impl="pallas"`` kernel):
   dense decode sweep:    batch 1/32/128 x context 4096/16384 x h_q 16/128, V32 and
                          MODEL1 FP8 and bf16-576 caches, s_q=1, page block 64.
 For each it prints time, TFLOP/s, GB/s, the fraction of the H200 roofline and the speed-up
-over the XLA reference, with (DESIGN §4, §7)
+over the XLA reference, with
   FLOPs = 2 * h_q * attended * (d_qk + d_v)   per query row,
   bytes = q + attended tokens * bytes/token + out,
   roofline time = max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)  (H200: measured HBM copy and
@@ -48,7 +48,7 @@ except ImportError:  # run as a script from a checkout: put the repository root 
   import pallas_kernels as pk
 from pallas_kernels.dense_decode import DenseDecodeTuning
 
-HBM_BPS = 4.3e12                 # H200, measured HBM copy (DESIGN §7)
+HBM_BPS = 4.3e12                 # H200, measured HBM copy
 BF16_FLOPS = 790e12              # H200, measured dense bf16 matmul
 D_QK = {"v32": 576, "model1": 512}
 D_V = 512

@@ -4,7 +4,8 @@
 v [B,S,K,Hv] with N a multiple of K (MLA's MODEL1 form and the absorbed V32 form use
 K = 1: one shared vector is every head's key). An optional per-head ``sink_N`` logit joins
 the softmax denominator with a zero value (DeepSeek-V4 / FlashMLA ``attn_sink``).
-Rows with no visible key return 0. Logits and the softmax are fp32 whatever the
+Rows with no visible key return 0.  The masked softmax itself (sink, empty rows) is
+``pallas_kernels.softmax.masked_softmax``, shared with the kernels and their references. Logits and the softmax are fp32 whatever the
 compute dtype.
 
 ``mask_BTS`` is built from segment ids (packed documents never attend across their
@@ -16,6 +17,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.softmax import masked_softmax
 
 
 def causal_segment_mask(segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array | None = None,
@@ -41,17 +44,8 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKV: jax.Array, mask_BTS: ja
   logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32) * scale
   m_BTS = mask_BTS[:, None, None]
-  logits_BKGTS = jnp.where(m_BTS, logits_BKGTS, -jnp.inf)
-  mx = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
-  if sink_N is not None:
-    sink_KG = sink_N.astype(jnp.float32).reshape(K, N // K)[None, :, :, None, None]
-    mx = jnp.maximum(mx, sink_KG)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # fully masked row: keep exp() finite
-  p = jnp.exp(logits_BKGTS - mx)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  if sink_N is not None:
-    denom = denom + jnp.exp(sink_KG - mx)
-  p = p / jnp.where(denom == 0, 1.0, denom)
+  sink_KG = None if sink_N is None else sink_N.reshape(K, N // K)[None, :, :, None]
+  p, _, _ = masked_softmax(logits_BKGTS, m_BTS, sink_KG)
   o_BTKGV = jnp.einsum("bkgts,bskv->btkgv", p.astype(v_BSKV.dtype), v_BSKV,
                        preferred_element_type=jnp.float32)
   return o_BTKGV.reshape(B, T, N, v_BSKV.shape[-1]).astype(q_BTNH.dtype)
@@ -132,16 +126,7 @@ def attend_sources(q_BANH: jax.Array, sources, scale: float, sink_N: jax.Array |
     lg = jnp.einsum(spec, q_BANH, k, preferred_element_type=jnp.float32) * scale
     logits.append(jnp.where(m[:, :, None, :], lg, -jnp.inf))
   lg = jnp.concatenate(logits, axis=-1)
-  mx = jnp.max(lg, axis=-1, keepdims=True)
-  if sink_N is not None:
-    sink = sink_N.astype(jnp.float32)[None, None, :, None]
-    mx = jnp.maximum(mx, sink)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # fully masked row: keep exp() finite
-  p = jnp.exp(lg - mx)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  if sink_N is not None:
-    denom = denom + jnp.exp(sink - mx)
-  p = p / jnp.where(denom == 0, 1.0, denom)
+  p, _, _ = masked_softmax(lg, None, None if sink_N is None else sink_N[None, None, :])
   out, probs, start = 0.0, [], 0
   for k, _ in sources:
     L = k.shape[-2]

@@ -4,7 +4,7 @@ dequantisation per scale tile, the online softmax step and the epilogue.
 Why tiles: Triton needs power-of-two block shapes, and the cached vector is 576 (V32) or
 512 (MODEL1) wide with its FP8 scales per 128 (V32) or 64 (MODEL1) elements.  So a key is
 read as a few column tiles, each exactly one scale tile of the NoPE part, plus one 64-wide
-RoPE tile (DESIGN §5):
+RoPE tile:
 
   v32 / bf16-576:     4 x 128 NoPE (fp32 scale each)  + 64 RoPE   (value: the 4 NoPE tiles)
   model1 / bf16-512:  7 x 64 NoPE (ue8m0 scale each)  + 64 RoPE   (value: all 8 tiles)
@@ -15,6 +15,9 @@ contiguous), dequantised *in registers* into a bf16 ``[X, w]`` operand, and used
 (one fp32 accumulator per value tile).  Nothing dequantised is ever written to memory.
 This is FlashMLA's scheme (its FP8 sparse kernels dequantise a 64-key block into shared
 memory, then run bf16 MMAs); Triton decides where the bf16 tile lives.
+
+FP8 codes arrive as uint16 pairs (``cache_view.code_words``, for 64-bit-safe offsets) and
+are split into bytes in registers (``unpack_code_words``).
 
 Invalid keys (index -1, past a length, past the sequence) are loaded with a mask (no
 memory traffic on GPU) and then zeroed with a select on the dequantised tile, so their
@@ -31,12 +34,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.fp8_cache import D_ROPE, e8m0_to_f32, require
-
-NEG_INF = float("-inf")
+from pallas_kernels import softmax
+from pallas_kernels.fp8_cache import D_ROPE, e8m0_to_f32, host_value, require
+from pallas_kernels.softmax import NEG_INF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +57,36 @@ class Tile:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackedAddress:
+  """Where a token's parts sit in FlashMLA packed bytes read as uint16 words ``[R, C]``.
+
+  Token row t is word row t // tokens_per_row; with o = t % tokens_per_row its data
+  (codes, then RoPE) starts at word o * token_words and its scales at scale_word +
+  o * scale_words.  v32 ``[Z*Y, 328]``: one token per row, RoPE at word 264, 4 fp32
+  scales at words 256-263.  model1 ``[Z, block/2]``: Y tokens per row of 288 data words,
+  RoPE at word 224, 7 ue8m0 scale bytes at word Y*288 + o*4."""
+  tokens_per_row: int
+  token_words: int
+  rope_word: int
+  scale_word: int
+  scale_words: int
+
+
+@dataclasses.dataclass(frozen=True)
 class KeyLayout:
   fmt: str                        # "v32" | "model1" | "bf16"
   d_qk: int
   d_v: int
   tiles: tuple[Tile, ...]
+  packed: PackedAddress | None = None
 
   @property
   def value_tiles(self) -> tuple[Tile, ...]:
     return tuple(t for t in self.tiles if t.value)
 
 
-def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0) -> KeyLayout:
+def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0,
+               packed: PackedAddress | None = None) -> KeyLayout:
   """Tiling of a ``d_qk``-wide key whose first ``d_v`` dims are the value.
 
   ``rope_col``: column of the RoPE part inside the rope ref (0 for a KCache, whose rope is
@@ -80,7 +102,7 @@ def key_layout(fmt: str, d_qk: int, d_v: int, rope_col: int = 0) -> KeyLayout:
   tiles = [Tile(0, i * width, width, i if scaled else None, i * width, i * width < d_v)
            for i in range(d_nope // width)]
   tiles.append(Tile(1, rope_col, D_ROPE, None, d_nope, d_v == d_qk))
-  return KeyLayout(fmt, d_qk, d_v, tuple(tiles))
+  return KeyLayout(fmt, d_qk, d_v, tuple(tiles), packed)
 
 
 class KeyRefs(NamedTuple):
@@ -90,12 +112,14 @@ class KeyRefs(NamedTuple):
   scales: Any                     # None for bf16
 
 
-def flat_key_arrays(cache) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """KCache -> (nope ``[Z*Y, P]``, rope ``[Z*Y, 64]``, scales ``[Z*Y, S]`` or None).
-
-  Row-major reshapes that merge leading dims: XLA emits bitcasts, not copies."""
-  flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])
-  return flat(cache.nope), flat(cache.rope), flat(cache.scales)
+def unpack_code_words(words_XH: jax.Array) -> jax.Array:
+  """Inverse of ``code_words`` on a loaded tile: uint16 ``[X, W/2]`` -> fp8 ``[X, W]``
+  (a 2-way join, which Triton lowers to ``tt.join``; little-endian as the bitcast)."""
+  lo = (words_XH & 0xFF).astype(jnp.uint8)
+  hi = (words_XH >> 8).astype(jnp.uint8)
+  x, h = words_XH.shape
+  codes_XW = jnp.stack([lo, hi], axis=-1).reshape(x, 2 * h)
+  return jax.lax.bitcast_convert_type(codes_XW, jnp.float8_e4m3fn)
 
 
 def dequant(codes_XW: jax.Array, scale_X: jax.Array, fmt: str) -> jax.Array:
@@ -109,17 +133,59 @@ def dequant(codes_XW: jax.Array, scale_X: jax.Array, fmt: str) -> jax.Array:
 def load_keys(layout: KeyLayout, refs: KeyRefs, rows_X: jax.Array, valid_X: jax.Array):
   """Gather and dequantise X keys -> list of bf16 ``[X, w]`` tiles, zero at invalid keys.
 
-  rows_X must already be in range (callers clamp invalid ones to 0): the loads are masked,
-  but interpret mode reads them, and the select below is what makes the zeros exact."""
+  rows_X (token rows) must already be in range (callers clamp invalid ones to 0): the
+  loads are masked, but interpret mode reads them, and the select below is what makes
+  the zeros exact."""
+  if layout.packed is not None:
+    return _load_packed_keys(layout, refs.nope, rows_X, valid_X)
   tiles = []
   for t in layout.tiles:
     ref = refs.nope if t.src == 0 else refs.rope
-    cols_1W = jax.lax.broadcasted_iota(jnp.int32, (1, t.width), 1) + t.col
-    raw_XW = plgpu.load(ref.at[rows_X[:, None], cols_1W], mask=valid_X[:, None])
+    if ref.dtype == jnp.uint16:                           # fp8 codes in uint16 pairs
+      cols_1H = jax.lax.broadcasted_iota(jnp.int32, (1, t.width // 2), 1) + t.col // 2
+      raw_XW = unpack_code_words(plgpu.load(ref.at[rows_X[:, None], cols_1H],
+                                            mask=valid_X[:, None]))
+    else:
+      cols_1W = jax.lax.broadcasted_iota(jnp.int32, (1, t.width), 1) + t.col
+      raw_XW = plgpu.load(ref.at[rows_X[:, None], cols_1W], mask=valid_X[:, None])
     k_XW = raw_XW                                        # bf16 cache, or the RoPE tile
     if t.scale_col is not None:
       scale_X = plgpu.load(refs.scales.at[rows_X, t.scale_col], mask=valid_X)
       k_XW = dequant(raw_XW, scale_X, layout.fmt)
+    tiles.append(jnp.where(valid_X[:, None], k_XW, jnp.zeros_like(k_XW)))
+  return tiles
+
+
+def _load_packed_keys(layout: KeyLayout, words_ref, rows_X, valid_X):
+  """``load_keys`` straight from FlashMLA packed bytes (uint16 words, ``PackedAddress``):
+  codes split into bytes, RoPE words bitcast to bf16, fp32 scales joined from two words,
+  ue8m0 scales picked out of one."""
+  a = layout.packed
+  r_X = rows_X // a.tokens_per_row
+  o_X = rows_X % a.tokens_per_row
+  data_X = o_X * a.token_words
+  scale_X0 = a.scale_word + o_X * a.scale_words
+  load = lambda cols, mask: plgpu.load(words_ref.at[r_X[:, None] if cols.ndim == 2 else r_X, cols],
+                                       mask=mask)
+  tiles = []
+  for t in layout.tiles:
+    w = t.width if t.src == 1 else t.width // 2
+    cols_XW = data_X[:, None] + jax.lax.broadcasted_iota(jnp.int32, (1, w), 1) + (
+        a.rope_word if t.src == 1 else t.col // 2)
+    words_XW = load(cols_XW, valid_X[:, None])
+    if t.src == 1:
+      tiles.append(jnp.where(valid_X[:, None],
+                             jax.lax.bitcast_convert_type(words_XW, jnp.bfloat16),
+                             jnp.zeros((rows_X.shape[0], w), jnp.bfloat16)))
+      continue
+    if layout.fmt == "v32":                               # fp32 = low word | high word << 16
+      lo = load(scale_X0 + 2 * t.scale_col, valid_X).astype(jnp.uint32)
+      hi = load(scale_X0 + 2 * t.scale_col + 1, valid_X).astype(jnp.uint32)
+      scale = jax.lax.bitcast_convert_type(lo | (hi << 16), jnp.float32)
+    else:                                                 # ue8m0 byte k of the token's 8
+      word = load(scale_X0 + t.scale_col // 2, valid_X)
+      scale = ((word >> (8 * (t.scale_col % 2))) & 0xFF).astype(jnp.uint8)
+    k_XW = dequant(unpack_code_words(words_XW), scale, layout.fmt)
     tiles.append(jnp.where(valid_X[:, None], k_XW, jnp.zeros_like(k_XW)))
   return tiles
 
@@ -136,7 +202,8 @@ class SoftmaxState(NamedTuple):
 
 
 def init_state(layout: KeyLayout, m: int) -> SoftmaxState:
-  return SoftmaxState(jnp.full((m,), NEG_INF, jnp.float32), jnp.zeros((m,), jnp.float32),
+  m_M, l_M = softmax.online_init(m)
+  return SoftmaxState(m_M, l_M,
                       tuple(jnp.zeros((m, t.width), jnp.float32) for t in layout.value_tiles))
 
 
@@ -147,7 +214,7 @@ def _dot_nt(a_MW, b_XW):
 
 def softmax_step(layout: KeyLayout, state: SoftmaxState, q_tiles, k_tiles,
                  visible_MX: jax.Array, scale) -> SoftmaxState:
-  """One block of keys of the online softmax (flash attention's recurrence).
+  """One block of keys of the online softmax (``softmax.online_step``).
 
   Logits are fp32 (bf16 x bf16 products, fp32 accumulation); P is rounded to bf16 before
   the PV product, as in FlashMLA; the running sum l uses the fp32 P."""
@@ -155,11 +222,7 @@ def softmax_step(layout: KeyLayout, state: SoftmaxState, q_tiles, k_tiles,
   for q_t, k_t in zip(q_tiles[1:], k_tiles[1:]):
     s_MX = s_MX + _dot_nt(q_t, k_t)
   s_MX = jnp.where(visible_MX, s_MX * scale, NEG_INF)
-  m_new = jnp.maximum(state.m_M, jnp.max(s_MX, axis=1))
-  m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)       # empty so far: avoid -inf - -inf
-  alpha_M = jnp.exp(state.m_M - m_safe)                  # -inf -> 0
-  p_MX = jnp.exp(s_MX - m_safe[:, None])                 # masked -> exactly 0
-  l_M = state.l_M * alpha_M + jnp.sum(p_MX, axis=1)
+  m_new, alpha_M, p_MX, l_M = softmax.online_step(state.m_M, state.l_M, s_MX)
   p_MX = p_MX.astype(jnp.bfloat16)
   vi = [i for i, t in enumerate(layout.tiles) if t.value]
   acc = tuple(a * alpha_M[:, None] + jnp.dot(p_MX, k_tiles[i], preferred_element_type=jnp.float32)
@@ -168,19 +231,12 @@ def softmax_step(layout: KeyLayout, state: SoftmaxState, q_tiles, k_tiles,
 
 
 def epilogue(state: SoftmaxState, sink_M: jax.Array | None, final: bool):
-  """Normalise.  Returns (value tiles, lse [M]).
+  """Normalise (``softmax.online_finish``).  Returns (value tiles, lse [M]).
 
-  final=True (the whole key set was seen): apply the sink, out *= 1/(1+exp(sink-lse)),
-  and FlashMLA's empty-row rule (out 0, lse +inf).  final=False (a split-KV partial):
-  out = acc / l, lse = -inf for an empty part; ``combine.combine_splits`` merges them."""
-  live_M = state.l_M > 0
-  lse_M = jnp.where(live_M, state.m_M + jnp.log(jnp.where(live_M, state.l_M, 1.0)), NEG_INF)
-  factor_M = jnp.where(live_M, 1.0 / jnp.where(live_M, state.l_M, 1.0), 0.0)
-  if final:
-    if sink_M is not None:
-      sink_f = 1.0 / (1.0 + jnp.exp(sink_M - jnp.where(live_M, lse_M, 0.0)))
-      factor_M = jnp.where(live_M, factor_M * sink_f, 0.0)
-    lse_M = jnp.where(live_M, lse_M, float("inf"))
+  final=True (the whole key set was seen): the sink and FlashMLA's empty-row rule
+  (out 0, lse +inf).  final=False (a split-KV partial): out = acc / l, lse = -inf for an
+  empty part; ``combine.combine_splits`` merges them."""
+  factor_M, lse_M = softmax.online_finish(state.m_M, state.l_M, sink_M, final)
   return [a * factor_M[:, None] for a in state.acc], lse_M
 
 
@@ -190,19 +246,24 @@ def store_value_tiles(layout: KeyLayout, o_ref, tiles) -> None:
     o_ref[:, pl.ds(t.q_col, t.width)] = v.astype(o_ref.dtype)
 
 
-def compiler_params(num_warps: int | None, num_stages: int, block_rows: int):
-  """Triton backend, named explicitly (with no params pallas_call targets Mosaic GPU).
-
-  num_warps None: 8 for 64-row blocks (a 64 x 512 fp32 accumulator is 128 registers per
-  thread over 8 warps, as FlashMLA's two warpgroups), else 4."""
-  if num_warps is None:
-    num_warps = 8 if block_rows >= 64 else 4
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def default_interpret(interpret: bool | None) -> bool:
   """Interpret on CPU (no Triton there) unless told otherwise."""
-  return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+  require(interpret is None or isinstance(interpret, bool),
+          f"interpret={interpret!r}: expected None, True or False")
+  return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def check_scale(name: str, scale):
+  """A softmax scale: a Python number or a scalar float array; finite and > 0 when concrete."""
+  require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
+          or (hasattr(scale, "shape") and scale.shape == () and hasattr(scale, "dtype")
+              and jnp.issubdtype(scale.dtype, jnp.floating)),
+          f"{name}={scale!r}: expected a positive float (or a scalar float array)")
+  value = host_value(scale)
+  if value is not None:
+    require(bool(np.isfinite(value)) and float(value) > 0,
+            f"{name}={float(value)!r}: expected a finite value > 0")
+  return scale
 
 
 def split_range(n_chunks, split, num_splits: int):
@@ -212,11 +273,3 @@ def split_range(n_chunks, split, num_splits: int):
   return c0, jnp.minimum(c0 + per, n_chunks)
 
 
-def pow2_at_least(n: int, floor: int = 16) -> int:
-  """Smallest power of two >= max(n, floor) (Triton dots need M, N, K >= 16)."""
-  return max(floor, 1 << max(0, (n - 1).bit_length()))
-
-
-def check_pow2(name: str, v: int, floor: int = 16) -> None:
-  require(isinstance(v, int) and v >= floor and (v & (v - 1)) == 0,
-          f"{name}={v!r}: expected a power of two >= {floor} (Triton block shapes)")

@@ -1,4 +1,4 @@
-"""Log-sum-exp bookkeeping shared by the attention references, and the split-KV combine.
+"""The split-KV combine: merge partial attention results by their log-sum-exp.
 
 What: attention over a key set split into parts (split-KV decode, main + extra cache, or
 kernel tiles) is exact if each part returns its normalised output o_i and its
@@ -12,7 +12,11 @@ Conventions (FlashMLA's, natural log throughout):
   * the attention sink is a virtual logit with zero value: o *= 1 / (1 + exp(sink - lse));
     the returned lse excludes it; sink = -inf has no effect, sink = +inf zeroes the row.
 
-Shapes: ``[..., X]`` logits over X keys; partials ``[n_splits, ..., d_v]`` with lse
+The softmax arithmetic itself (masking, sink, empty rows) lives in ``softmax``; the
+combine is that masked softmax taken over the splits' lse values.  ``masked_softmax``,
+``sink_factor`` and ``finalize`` are re-exported here for existing callers.
+
+Shapes: partials ``[n_splits, ..., d_v]`` with lse
 ``[n_splits, ...]`` (the output shape without d_v; callers transpose FlashMLA's
 ``[b, h_q, s_q]`` lse to ``[b, s_q, h_q]`` first).
 """
@@ -22,60 +26,58 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.fp8_cache import require
+from pallas_kernels.softmax import finalize, masked_softmax, sink_factor  # noqa: F401 (re-exported)
 
 
-def masked_softmax(logits_NX: jax.Array, valid_NX: jax.Array):
-  """Softmax over valid keys only, safe for rows with no valid key.
-
-  Returns (p ``[..., X]`` fp32 with exact zeros at invalid keys, lse ``[...]`` (-inf for an
-  empty row), max logit ``[...]`` (-inf for an empty row)).  Invalid entries are removed with
-  selects, so NaN/inf there never propagate.
-  """
-  neg_inf = jnp.float32(-jnp.inf)
-  logits_NX = jnp.where(valid_NX, logits_NX.astype(jnp.float32), neg_inf)
-  max_N = jnp.max(logits_NX, axis=-1)
-  safe_max_N = jnp.where(jnp.isfinite(max_N), max_N, 0.0)          # empty row: avoid inf - inf
-  e_NX = jnp.where(valid_NX, jnp.exp(logits_NX - safe_max_N[..., None]), 0.0)
-  sum_N = jnp.sum(e_NX, axis=-1)
-  lse_N = jnp.where(sum_N > 0, safe_max_N + jnp.log(sum_N), neg_inf)
-  p_NX = e_NX / jnp.where(sum_N > 0, sum_N, 1.0)[..., None]
-  return p_NX, lse_N, max_N
-
-
-def sink_factor(lse_N: jax.Array, attn_sink_N: jax.Array | None) -> jax.Array:
-  """1 / (1 + exp(sink - lse)); 1 without a sink.  Broadcasts sink over lse's shape."""
-  if attn_sink_N is None:
-    return jnp.ones_like(lse_N)
-  return 1.0 / (1.0 + jnp.exp(attn_sink_N.astype(jnp.float32) - lse_N))
-
-
-def finalize(out_NV: jax.Array, lse_N: jax.Array, attn_sink_N: jax.Array | None = None,
-             out_dtype=jnp.bfloat16):
-  """Apply the sink and FlashMLA's empty-row rule: out 0 and lse +inf where lse = -inf."""
-  empty_N = lse_N == -jnp.inf
-  out_NV = out_NV * sink_factor(lse_N, attn_sink_N)[..., None]
-  out_NV = jnp.where(empty_N[..., None], 0.0, out_NV)
-  return out_NV.astype(out_dtype), jnp.where(empty_N, jnp.inf, lse_N)
-
-
-@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def combine_splits(out_SNV: jax.Array, lse_SN: jax.Array, *, attn_sink_N: jax.Array | None = None,
                    out_dtype=jnp.float32):
   """Merge split-KV partials: out ``[n_splits, ..., d_v]``, lse ``[n_splits, ...]``.
 
   A split whose lse is -inf or +inf (FlashMLA's returned "empty") gets weight exactly 0,
   whatever its output holds.  Returns (out ``[..., d_v]`` in out_dtype, lse ``[...]`` with
-  +inf for rows empty in every split); the optional sink is applied after merging.
+  +inf for rows empty in every split); the optional sink (broadcastable to lse's shape
+  without the split axis) is applied after merging.  Shapes and dtypes are checked
+  (ValueError) before anything runs.
   """
-  lse_SN = lse_SN.astype(jnp.float32)
+  _check_combine_args(out_SNV, lse_SN, attn_sink_N, out_dtype)
+  return _combine_core(out_SNV, lse_SN, attn_sink_N=attn_sink_N, out_dtype=out_dtype)
+
+
+def _check_combine_args(out, lse, sink, out_dtype) -> None:
+  shape = lambda x: getattr(x, "shape", None)
+  dtype = lambda x: getattr(x, "dtype", None)
+  floating = lambda x: x is not None and jnp.issubdtype(x, jnp.floating)
+  require(hasattr(out, "shape") and out.ndim >= 2 and floating(dtype(out)),
+          f"out_SNV shape={shape(out)} dtype={dtype(out)}: expected a float array "
+          "[n_splits, ..., d_v]")
+  require(hasattr(lse, "shape") and tuple(lse.shape) == tuple(out.shape[:-1])
+          and floating(dtype(lse)),
+          f"lse_SN shape={shape(lse)} dtype={dtype(lse)}: expected a float array of "
+          f"shape {tuple(out.shape[:-1])} (out_SNV's shape without d_v)")
+  require(out.shape[0] >= 1, f"out_SNV shape={shape(out)}: expected at least one split")
+  if sink is not None:
+    ok = hasattr(sink, "shape") and floating(dtype(sink))
+    if ok:
+      try:
+        ok = np.broadcast_shapes(tuple(sink.shape), tuple(lse.shape[1:])) == tuple(lse.shape[1:])
+      except ValueError:
+        ok = False
+    require(ok, f"attn_sink_N shape={shape(sink)} dtype={dtype(sink)}: expected a float "
+                f"array broadcastable to {tuple(lse.shape[1:])}")
+  require(out_dtype is not None and floating(jnp.dtype(out_dtype)),
+          f"out_dtype={out_dtype!r}: expected a float dtype")
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def _combine_core(out_SNV, lse_SN, *, attn_sink_N=None, out_dtype=jnp.float32):
+  # The split weights are a masked softmax over the splits' lse values.
+  lse_NS = jnp.moveaxis(lse_SN.astype(jnp.float32), 0, -1)
+  w_NS, lse_N, _ = masked_softmax(lse_NS, jnp.isfinite(lse_NS))
+  w_SN = jnp.moveaxis(w_NS, -1, 0)
   live_SN = jnp.isfinite(lse_SN)
-  lse_SN = jnp.where(live_SN, lse_SN, -jnp.inf)
-  max_N = jnp.max(lse_SN, axis=0)
-  safe_max_N = jnp.where(jnp.isfinite(max_N), max_N, 0.0)
-  w_SN = jnp.where(live_SN, jnp.exp(lse_SN - safe_max_N), 0.0)
-  sum_N = jnp.sum(w_SN, axis=0)
-  lse_N = jnp.where(sum_N > 0, safe_max_N + jnp.log(sum_N), -jnp.inf)
-  w_SN = w_SN / jnp.where(sum_N > 0, sum_N, 1.0)
   out_SNV = jnp.where(live_SN[..., None], out_SNV.astype(jnp.float32), 0.0)
   out_NV = jnp.sum(w_SN[..., None] * out_SNV, axis=0)
   return finalize(out_NV, lse_N, attn_sink_N, out_dtype)

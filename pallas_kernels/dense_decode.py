@@ -1,5 +1,5 @@
 """Dense paged decode attention: FlashMLA's ``flash_mla_with_kvcache`` without ``indices``
-(DESIGN.md §4).  Public entry point plus the plain-jnp reference that kernels are tested
+.  Public entry point plus the plain-jnp reference that kernels are tested
 against.
 
 What it computes, per batch b with s_k = cache_seqlens[b] cached tokens, laid out in pages
@@ -36,7 +36,6 @@ positions, Z page blocks, Y tokens per block, H head dim, V value dim):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -46,8 +45,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _tiles, combine
-from pallas_kernels.fp8_cache import KCache, as_kcache, host_value, require
+from pallas_kernels import _tiles, cache_view, combine, softmax
+from pallas_kernels.fp8_cache import bytes_per_token, host_value, require
+from pallas_kernels.tuning import DenseDecodeTuning, KernelTuning, check_tuning, choose_num_splits  # noqa: F401
 
 IMPLS = ("xla", "pallas")
 
@@ -59,13 +59,8 @@ def validate_dense_decode_args(q, k_cache, block_table, cache_seqlens, *, head_d
           f"q shape={getattr(q, 'shape', None)} dtype={getattr(q, 'dtype', None)}: "
           "expected bf16 [b, s_q, h_q, d_qk]")
   b, s_q, h_q, d_qk = q.shape
-  if (hasattr(k_cache, "dtype") and k_cache.dtype == jnp.bfloat16 and k_cache.ndim == 4
-      and k_cache.shape[2] > 1):
-    cache = k_cache                     # bf16 with several KV heads (GQA): read as is
-    num_blocks, block_size, h_kv, d_k = cache.shape
-  else:
-    cache = as_kcache(k_cache, "k_cache")
-    num_blocks, block_size, h_kv, d_k = cache.num_blocks, cache.block_size, 1, cache.head_dim
+  cache = cache_view.accept_cache(k_cache, "k_cache", max_kv_heads=None)   # bf16 read as is
+  _, num_blocks, block_size, h_kv, d_k = cache_view.info(cache)
   require(d_k == d_qk, f"k_cache head dim {d_k}: q has d_qk={d_qk}")
   require(h_q % h_kv == 0, f"q has h_q={h_q} heads: expected a multiple of h_kv={h_kv}")
   require(isinstance(head_dim_v, int) and 0 < head_dim_v <= d_qk,
@@ -93,19 +88,20 @@ def validate_dense_decode_args(q, k_cache, block_table, cache_seqlens, *, head_d
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"block_table[{where}]={int(table[where])}: expected a block in "
                          f"[0, {num_blocks}) for a page inside cache_seqlens")
-  scale = d_qk ** -0.5 if softmax_scale is None else softmax_scale
+  scale = d_qk ** -0.5 if softmax_scale is None else _tiles.check_scale("softmax_scale", softmax_scale)
   return dict(q=q, cache=cache, block_table=block_table, cache_seqlens=cache_seqlens,
               softmax_scale=jnp.asarray(scale, jnp.float32), causal=causal)
 
 
 def _gather_pages(cache, block_table_BP):
   """Keys of every page in the table, in sequence order: bf16 ``[B, S, K, H]``, S = P * Y."""
-  if isinstance(cache, KCache):
-    y = cache.block_size
-    table = jnp.clip(block_table_BP, 0, cache.num_blocks - 1)
+  ci = cache_view.info(cache)
+  if ci.h_kv == 1:
+    y = ci.block_size
+    table = jnp.clip(block_table_BP, 0, ci.num_blocks - 1)
     slots_BPY = table[:, :, None] * y + jnp.arange(y, dtype=jnp.int32)
     slots_BS = slots_BPY.reshape(slots_BPY.shape[0], -1)
-    return cache.gather_bf16(slots_BS)[:, :, None, :]
+    return cache_view.gather_bf16(cache, slots_BS)[:, :, None, :]
   table = jnp.clip(block_table_BP, 0, cache.shape[0] - 1)
   k_BPYKH = cache[table]
   return k_BPYKH.reshape(k_BPYKH.shape[0], -1, *k_BPYKH.shape[3:])
@@ -129,7 +125,7 @@ def attend_dense_fp32(q, cache, block_table, cache_seqlens, softmax_scale, *, he
   q_BTKGH = q.astype(jnp.float32).reshape(b, s_q, h_kv, h_q // h_kv, d)
   hp = jax.lax.Precision.HIGHEST
   logits_BTKGS = jnp.einsum("btkgh,bskh->btkgs", q_BTKGH, k_BSKH, precision=hp) * softmax_scale
-  p_BTKGS, lse_BTKG, _ = combine.masked_softmax(logits_BTKGS, visible_BTS[:, :, None, None, :])
+  p_BTKGS, lse_BTKG, _ = softmax.masked_softmax(logits_BTKGS, visible_BTS[:, :, None, None, :])
   out_BTKGV = jnp.einsum("btkgs,bskv->btkgv", p_BTKGS, k_BSKH[..., :head_dim_v], precision=hp)
   return out_BTKGV.reshape(b, s_q, h_q, head_dim_v), lse_BTKG.reshape(b, s_q, h_q)
 
@@ -138,7 +134,7 @@ def attend_dense_fp32(q, cache, block_table, cache_seqlens, softmax_scale, *, he
 def _reference_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_dim_v, causal):
   out_BTNV, lse_BTN = attend_dense_fp32(q, cache, block_table, cache_seqlens, softmax_scale,
                                         head_dim_v=head_dim_v, causal=causal)
-  out_BTNV, lse_BTN = combine.finalize(out_BTNV, lse_BTN)
+  out_BTNV, lse_BTN = softmax.finalize(out_BTNV, lse_BTN)
   return out_BTNV, jnp.transpose(lse_BTN, (0, 2, 1))
 
 
@@ -152,27 +148,6 @@ def dense_decode_reference(q, k_cache, block_table, cache_seqlens, *, head_dim_v
 
 
 # ----------------------------------------------------------------------------- Pallas kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseDecodeTuning:
-  """Static kernel knobs (hashable: part of the jit cache key).
-
-  block_m: query rows (s_q x heads of one KV head) per program; None = min(64, rows),
-    rounded up to a power of two >= 16.  block_k: keys per loop step (power of two >= 16).
-  num_splits: split-KV factor; None = enough programs for ~1 wave of the GPU's SMs
-    (132 on H100/H200; 2 in interpret mode, where every program costs CPU time).
-  num_warps: None = 8 for 64-row blocks, else 4 (``_tiles.compiler_params``).
-  Defaults as compiled offline for sm_90a (Triton 3.6 + ptxas, no GPU): 64 x 32 blocks,
-  8 warps, 2 stages -> wgmma, 114-128 KB shared memory, ~100-180 B/thread of spills;
-  block_k 64 needs 164-185 KB and spills more.  Untimed: tune on the GPU.
-  """
-  block_m: int | None = None
-  block_k: int = 32
-  num_splits: int | None = None
-  num_warps: int | None = None
-  num_stages: int = 2
-  num_sms: int = 132
 
 
 def _dense_kernel(table_ref, seqlens_ref, scale_ref, q_ref, nope_ref, rope_ref, *rest,
@@ -213,27 +188,6 @@ def _dense_kernel(table_ref, seqlens_ref, scale_ref, q_ref, nope_ref, rope_ref, 
   lse_ref[...] = lse_M
 
 
-def _kernel_operands(cache):
-  """(fmt, nope, rope, scales, num_blocks, block_size, h_kv, rope_col): 2-D views of the
-  cache (no copies); row (block * Y + offset) * h_kv + kv_head is one key."""
-  if isinstance(cache, KCache):
-    nope, rope, scales = _tiles.flat_key_arrays(cache)
-    return cache.fmt, nope, rope, scales, cache.num_blocks, cache.block_size, 1, 0
-  z, y, h_kv, d = cache.shape                       # bf16 [Z, Y, K, d]: one array, read twice
-  flat = cache.reshape(z * y * h_kv, d)
-  return "bf16", flat, flat, None, z, y, h_kv, d - _tiles.D_ROPE
-
-
-def num_splits_for(tuning: DenseDecodeTuning, programs: int, max_chunks: int,
-                   interpret: bool) -> int:
-  if tuning.num_splits is not None:
-    require(isinstance(tuning.num_splits, int) and tuning.num_splits >= 1,
-            f"num_splits={tuning.num_splits!r}: expected an int >= 1")
-    return tuning.num_splits
-  sms = 2 if interpret else tuning.num_sms
-  return max(1, min(-(-sms // programs), max_chunks, 64))
-
-
 @functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "tuning", "interpret",
                                              "partials"))
 def _pallas_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_dim_v, causal,
@@ -241,19 +195,24 @@ def _pallas_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_di
   """Kernel + combine.  partials=True returns the raw split partials instead:
   (out ``[S, B, T, N, V]`` fp32, lse ``[S, B, T, N]`` with -inf for an empty split)."""
   b, s_q, h_q, d = q.shape
-  fmt, nope, rope, scales, num_blocks, block_size, h_kv, rope_col = _kernel_operands(cache)
-  layout = _tiles.key_layout(fmt, d, head_dim_v, rope_col)
+  ci = cache_view.info(cache)
+  num_blocks, block_size, h_kv = ci.num_blocks, ci.block_size, ci.h_kv
+  fmt, nope, rope, scales, rope_col, packed = cache_view.kernel_operands(cache, "k_cache")
+  layout = _tiles.key_layout(fmt, d, head_dim_v, rope_col, packed)
   g = h_q // h_kv
   rows = s_q * g
-  block_m = tuning.block_m or min(64, _tiles.pow2_at_least(rows))
-  _tiles.check_pow2("block_m", block_m)
-  _tiles.check_pow2("block_k", tuning.block_k)
+  block_m = tuning.rows_per_program(rows)
   n_rb = -(-rows // block_m)
   # [B, T, K, G, H] -> [B, K, T*G, H]: row r = (t, g) with t = r // G.
   q_BKMH = jnp.transpose(q.reshape(b, s_q, h_kv, g, d), (0, 2, 1, 3, 4)).reshape(b, h_kv, rows, d)
   q_BKMH = jnp.pad(q_BKMH, ((0, 0), (0, 0), (0, n_rb * block_m - rows), (0, 0)))
   max_chunks = -(-block_table.shape[1] * block_size // tuning.block_k)
-  splits = num_splits_for(tuning, b * h_kv * n_rb, max_chunks, interpret)
+  # Each program streams its sequence's pages (capacity of the table: the static bound).
+  splits = choose_num_splits(
+      tuning, programs=b * h_kv * n_rb,
+      kv_bytes_per_program=block_table.shape[1] * block_size * bytes_per_token(fmt, d),
+      partial_bytes_per_split=block_m * (head_dim_v + 1) * 4, max_key_blocks=max_chunks,
+      interpret=interpret)
   final = splits == 1 and not partials
   kernel = functools.partial(
       _dense_kernel, layout=layout, has_scales=scales is not None, block_size=block_size,
@@ -278,7 +237,7 @@ def _pallas_core(q, cache, block_table, cache_seqlens, softmax_scale, *, head_di
       kernel, out_shape=out_shape, grid=(b, splits, h_kv * n_rb),
       in_specs=[whole, whole, whole, q_spec] + [whole] * (len(operands) - 4),
       out_specs=out_specs,
-      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages, block_m),
+      compiler_params=tuning.compiler_params(block_m),
       interpret=interpret, name="dense_decode_mla")(*operands)
   if not final and not partials:
     out, lse = combine.combine_splits(out, lse, out_dtype=jnp.bfloat16)
@@ -301,7 +260,7 @@ def dense_decode_partials(q, k_cache, block_table, cache_seqlens, *, head_dim_v,
   args = validate_dense_decode_args(q, k_cache, block_table, cache_seqlens,
                                     head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                                     causal=causal)
-  return _pallas_core(**args, head_dim_v=head_dim_v, tuning=tuning or DenseDecodeTuning(),
+  return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),
                       interpret=_tiles.default_interpret(interpret), partials=True)
 
 
@@ -311,8 +270,9 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
 
   Args:
     q: bf16 ``[b, s_q, h_q, d_qk]``.
-    k_cache: ``KCache`` (v32 / model1 / bf16), FlashMLA packed bytes, or a bf16 array
-      ``[num_blocks, block_size, h_kv, d_qk]`` with h_q a multiple of h_kv.
+    k_cache: ``KCache`` (v32 / model1 / bf16), a bf16 array ``[num_blocks, block_size,
+      h_kv, d_qk]`` with h_q a multiple of h_kv, or FlashMLA packed bytes; all read in
+      place (see ``cache_view``).
     block_table: int32 ``[b, max_blocks]``: page blocks of each sequence, in order.
     cache_seqlens: int32 ``[b]``: tokens in each sequence (checked when concrete).
     head_dim_v: value dims (the first head_dim_v of the key).
@@ -320,7 +280,7 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
     causal: for s_q > 1, query t sees keys j <= cache_seqlens - s_q + t.
     impl: "xla" (the reference) or "pallas" (the Triton split-KV kernel; interpret mode
       on CPU).  The kernel needs head_dim_v = d_qk - 64 or d_qk (whole key tiles).
-    tuning: ``DenseDecodeTuning`` for impl="pallas" (default: its defaults).
+    tuning: ``KernelTuning`` for impl="pallas" (default: its defaults).
     interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (+inf if no key).
@@ -331,6 +291,6 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
                                     causal=causal)
   if impl == "pallas":
     _tiles.key_layout("bf16", q.shape[-1], head_dim_v)          # ValueError if untileable
-    return _pallas_core(**args, head_dim_v=head_dim_v, tuning=tuning or DenseDecodeTuning(),
+    return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),
                         interpret=_tiles.default_interpret(interpret))
   return _reference_core(**args, head_dim_v=head_dim_v)

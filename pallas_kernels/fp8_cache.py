@@ -1,7 +1,7 @@
 """FP8 KV-cache formats of DeepSeek FlashMLA, byte-exact, plus a kernel-friendly layout.
 
 What: the single cached vector per token of MLA-style attention (one KV head) is stored
-in one of three formats (DESIGN.md §3):
+in one of three formats:
 
   ``"v32"``    DeepSeek-V3.2, d = 576 = 512 latent (NoPE) + 64 RoPE, 656 bytes/token.
                Per token: bytes [0,512) 512 x e4m3fn; [512,528) 4 x fp32 scales, one per
@@ -20,7 +20,7 @@ q = e4m3fn(fp32(x)/s), round to nearest even.  Dequantisation: v32 bf16(fp32(q)*
 model1 bf16(bf16(q)*bf16(s)).  Both products are exact unless they overflow (a tile whose
 amax is near the top of the bf16 range may dequantise to +-inf, as in FlashMLA).
 
-Deviation from FlashMLA (documented, DESIGN §3): +-inf inputs are saturated to the largest
+Deviation from FlashMLA (documented): +-inf inputs are saturated to the largest
 finite bf16 (+-3.39e38) before quantising, so the cache never holds NaN for them
 (FlashMLA writes NaN).  NaN inputs give a NaN tile (NaN scale, NaN codes), as FlashMLA.
 

@@ -1,5 +1,5 @@
 """Sparse decode attention over a paged (FP8) KV cache: FlashMLA's ``flash_mla_with_kvcache``
-with ``indices`` (DESIGN.md §4).  This file holds the public entry point, the plain-jnp
+with ``indices`` .  This file holds the public entry point, the plain-jnp
 reference and the Pallas (Triton) kernel that is tested against it.
 
 What it computes, per batch b, query position t and head n (one shared KV vector per token):
@@ -34,7 +34,6 @@ The kernel (FlashMLA's FP8 sparse decoder, ``sm90/decode/sparse_fp8``, in Triton
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -43,8 +42,9 @@ import numpy as np
 
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _tiles, combine
-from pallas_kernels.fp8_cache import KCache, as_kcache, host_value, require
+from pallas_kernels import _tiles, cache_view, combine, softmax
+from pallas_kernels.fp8_cache import bytes_per_token, host_value, require
+from pallas_kernels.tuning import KernelTuning, SparseDecodeTuning, check_tuning, choose_num_splits  # noqa: F401
 
 IMPLS = ("xla", "pallas")
 
@@ -62,7 +62,8 @@ def _check_lengths(name: str, x, batch: int, topk: int) -> jax.Array | None:
   return jnp.asarray(x, jnp.int32)
 
 
-def _check_indices(name: str, indices, q_shape, cache: KCache, lengths) -> jax.Array:
+def _check_indices(name: str, indices, q_shape, cache, lengths) -> jax.Array:
+  ci = cache_view.info(cache)
   b, s_q = q_shape[:2]
   require(hasattr(indices, "shape") and indices.ndim == 3 and tuple(indices.shape[:2]) == (b, s_q)
           and indices.dtype == jnp.int32,
@@ -75,11 +76,11 @@ def _check_indices(name: str, indices, q_shape, cache: KCache, lengths) -> jax.A
     lv = host_value(lengths)
     if lv is not None:
       counted = np.arange(iv.shape[-1])[None, None, :] < lv[:, None, None]
-    bad = counted & ((iv < -1) | (iv >= cache.num_tokens))
+    bad = counted & ((iv < -1) | (iv >= ci.num_tokens))
     if bad.any():
       where = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(f"{name}[{where}]={int(iv[where])} is outside the cache: expected -1 or "
-                       f"[0, {cache.num_tokens}) ({cache.num_blocks} blocks x {cache.block_size} tokens)")
+                       f"[0, {ci.num_tokens}) ({ci.num_blocks} blocks x {ci.block_size} tokens)")
   return indices
 
 
@@ -95,9 +96,10 @@ def validate_sparse_decode_args(q, k_cache, indices, *, head_dim_v, softmax_scal
           f"q shape={getattr(q, 'shape', None)} dtype={getattr(q, 'dtype', None)}: "
           "expected bf16 [b, s_q, h_q, d_qk]")
   b, s_q, h_q, d_qk = q.shape
-  cache = as_kcache(k_cache, "k_cache")
-  require(cache.head_dim == d_qk,
-          f"k_cache head dim {cache.head_dim} ({cache.fmt}): q has d_qk={d_qk}")
+  cache = cache_view.accept_cache(k_cache, "k_cache")
+  ci = cache_view.info(cache)
+  require(ci.head_dim == d_qk,
+          f"k_cache head dim {ci.head_dim} ({ci.fmt}): q has d_qk={d_qk}")
   require(isinstance(head_dim_v, int) and 0 < head_dim_v <= d_qk,
           f"head_dim_v={head_dim_v!r}: expected an int in (0, {d_qk}] (512 for v32 and model1)")
   require(indices is not None, "indices=None: sparse decode needs indices [b, s_q, topk]")
@@ -112,7 +114,7 @@ def validate_sparse_decode_args(q, k_cache, indices, *, head_dim_v, softmax_scal
             f"attn_sink shape={getattr(attn_sink, 'shape', None)} dtype={getattr(attn_sink, 'dtype', None)}: "
             f"expected float32 [{h_q}]")
     sink = attn_sink
-  scale = d_qk ** -0.5 if softmax_scale is None else softmax_scale
+  scale = d_qk ** -0.5 if softmax_scale is None else _tiles.check_scale("softmax_scale", softmax_scale)
   args = dict(q=q, cache=cache, indices=indices,
               topk_length=jnp.full((b,), topk, jnp.int32) if lengths is None else lengths,
               attn_sink=sink, softmax_scale=jnp.asarray(scale, jnp.float32),
@@ -123,10 +125,11 @@ def validate_sparse_decode_args(q, k_cache, indices, *, head_dim_v, softmax_scal
   require(extra_topk_length is None or extra_k_cache is not None,
           "extra_topk_length given without extra_k_cache")
   if extra_k_cache is not None:
-    extra = as_kcache(extra_k_cache, "extra_k_cache")
-    require(extra.fmt == cache.fmt and extra.head_dim == d_qk,
-            f"extra_k_cache format {extra.fmt} (head dim {extra.head_dim}): expected "
-            f"{cache.fmt} (head dim {d_qk}) like k_cache")
+    extra = cache_view.accept_cache(extra_k_cache, "extra_k_cache")
+    ei = cache_view.info(extra)
+    require(ei.fmt == ci.fmt and ei.head_dim == d_qk,
+            f"extra_k_cache format {ei.fmt} (head dim {ei.head_dim}): expected "
+            f"{ci.fmt} (head dim {d_qk}) like k_cache")
     extra_topk = extra_indices_in_kvcache.shape[-1] if hasattr(extra_indices_in_kvcache, "shape") else 0
     extra_lengths = _check_lengths("extra_topk_length", extra_topk_length, b, extra_topk)
     args.update(
@@ -138,12 +141,13 @@ def validate_sparse_decode_args(q, k_cache, indices, *, head_dim_v, softmax_scal
   return args
 
 
-def _gather_keys(cache: KCache, indices_BTX, topk_length_B):
+def _gather_keys(cache, indices_BTX, topk_length_B):
   """Dequantised keys ``[B, T, X, H]`` fp32 (zeros at invalid slots) and validity ``[B, T, X]``."""
   x_pos = jnp.arange(indices_BTX.shape[-1], dtype=jnp.int32)
-  valid_BTX = ((indices_BTX >= 0) & (indices_BTX < cache.num_tokens)   # under jit: out of range = invalid
+  num_tokens = cache_view.info(cache).num_tokens
+  valid_BTX = ((indices_BTX >= 0) & (indices_BTX < num_tokens)   # under jit: out of range = invalid
                & (x_pos[None, None, :] < topk_length_B[:, None, None]))
-  k_BTXH = cache.gather_bf16(indices_BTX).astype(jnp.float32)
+  k_BTXH = cache_view.gather_bf16(cache, indices_BTX).astype(jnp.float32)
   return jnp.where(valid_BTX[..., None], k_BTXH, 0.0), valid_BTX
 
 
@@ -162,7 +166,7 @@ def attend_sparse_fp32(q, cache, indices, topk_length, softmax_scale, extra_cach
   hp = jax.lax.Precision.HIGHEST
   logits_BTNX = jnp.einsum("btnh,btxh->btnx", q.astype(jnp.float32), k_BTXH, precision=hp)
   logits_BTNX = logits_BTNX * softmax_scale
-  p_BTNX, lse_BTN, _ = combine.masked_softmax(logits_BTNX, valid_BTX[:, :, None, :])
+  p_BTNX, lse_BTN, _ = softmax.masked_softmax(logits_BTNX, valid_BTX[:, :, None, :])
   out_BTNV = jnp.einsum("btnx,btxv->btnv", p_BTNX, k_BTXH[..., :head_dim_v], precision=hp)
   return out_BTNV, lse_BTN
 
@@ -173,7 +177,7 @@ def _reference_core(q, cache, indices, topk_length, attn_sink, softmax_scale, ex
   out_BTNV, lse_BTN = attend_sparse_fp32(q, cache, indices, topk_length, softmax_scale,
                                          extra_cache, extra_indices, extra_topk_length,
                                          head_dim_v=head_dim_v)
-  out_BTNV, lse_BTN = combine.finalize(out_BTNV, lse_BTN, attn_sink)
+  out_BTNV, lse_BTN = softmax.finalize(out_BTNV, lse_BTN, attn_sink)
   return out_BTNV, jnp.transpose(lse_BTN, (0, 2, 1))
 
 
@@ -191,48 +195,26 @@ def sparse_decode_reference(q, k_cache, indices, *, head_dim_v, softmax_scale=No
 # ----------------------------------------------------------------------------- Pallas kernel
 
 
-@dataclasses.dataclass(frozen=True)
-class SparseDecodeTuning:
-  """Static kernel knobs (hashable: part of the jit cache key).
-
-  block_h: query heads per program (power of two >= 16; None = min(64, h_q) rounded up).
-  block_k: top-k entries per loop step (FlashMLA's sparse kernels use 64).
-  num_splits: split-KV factor over the (main + extra) top-k blocks; None = enough
-    programs for ~1 wave of ``num_sms`` SMs (2 in interpret mode).
-  num_warps: None = 8 for 64-head blocks, else 4 (``_tiles.compiler_params``).
-  Defaults as compiled offline for sm_90a (Triton 3.6 + ptxas, no GPU): 64 x 32 blocks,
-  8 warps, 2 stages -> wgmma, 114-128 KB shared memory; spills ~50-270 B/thread without
-  the extra cache and ~1 KB with it (two loops keep the state live).  Untimed.
-  """
-  block_h: int | None = None
-  block_k: int = 32
-  num_splits: int | None = None
-  num_warps: int | None = None
-  num_stages: int = 2
-  num_sms: int = 132
-
-
 def _sparse_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref, *rest,
-                   layout, has_scales, has_extra, s_q, block_h, block_k, num_splits, final):
-  n_cache = 3 if has_scales else 2
+                   layout, extra_layout, has_scales, extra_has_scales, has_extra, s_q,
+                   block_h, block_k, num_splits, final, num_tokens, extra_num_tokens):
   main = _tiles.KeyRefs(nope_ref, rope_ref, rest[0] if has_scales else None)
-  rest = rest[n_cache - 2:]
+  rest = rest[1 if has_scales else 0:]
   if has_extra:
     elen_ref, eidx_ref = rest[0], rest[1]
-    extra = _tiles.KeyRefs(rest[2], rest[3], rest[4] if has_scales else None)
+    extra = _tiles.KeyRefs(rest[2], rest[3], rest[4] if extra_has_scales else None)
   o_ref, lse_ref = rest[-2:]
   i, split = pl.program_id(0), pl.program_id(1)
   b = i // s_q
   scale = scale_ref[0]
   q_tiles = _tiles.load_q(layout, q_ref)
 
-  def chunk_step(refs, ind_ref, length, c, state):
+  def chunk_step(refs, lay, num_rows, ind_ref, length, c, state):
     x_X = c * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     idx_X = ind_ref[i, pl.ds(c * block_k, block_k)]
-    num_rows = refs.nope.shape[0]
     valid_X = (idx_X >= 0) & (idx_X < num_rows) & (x_X < length)
-    k_tiles = _tiles.load_keys(layout, refs, jnp.where(valid_X, idx_X, 0), valid_X)
-    return _tiles.softmax_step(layout, state, q_tiles, k_tiles, valid_X[None, :], scale)
+    k_tiles = _tiles.load_keys(lay, refs, jnp.where(valid_X, idx_X, 0), valid_X)
+    return _tiles.softmax_step(lay, state, q_tiles, k_tiles, valid_X[None, :], scale)
 
   # Split s takes an equal run of the concatenated chunk list: main chunks, then extra ones.
   length = len_ref[b]
@@ -244,13 +226,18 @@ def _sparse_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_
   c0, c1 = _tiles.split_range(n_total, split, num_splits)
   state = _tiles.init_state(layout, block_h)
   state = jax.lax.fori_loop(c0, jnp.minimum(c1, n_main),
-                            functools.partial(chunk_step, main, idx_ref, length), state)
+                            functools.partial(chunk_step, main, layout, num_tokens, idx_ref, length), state)
   if has_extra:
     state = jax.lax.fori_loop(jnp.maximum(c0 - n_main, 0), jnp.maximum(c1 - n_main, 0),
-                              functools.partial(chunk_step, extra, eidx_ref, elength), state)
+                              functools.partial(chunk_step, extra, extra_layout, extra_num_tokens, eidx_ref, elength), state)
   tiles, lse_M = _tiles.epilogue(state, sink_ref[...], final)
   _tiles.store_value_tiles(layout, o_ref, tiles)
   lse_ref[...] = lse_M
+
+
+def _refs(ops: cache_view.Operands) -> list:
+  """Kernel operands of a cache: nope, rope (the same words for packed bytes), scales."""
+  return [a for a in (ops.nope, ops.rope, ops.scales) if a is not None]
 
 
 def _pad_last(x, multiple: int, value):
@@ -262,10 +249,9 @@ def _pad_last(x, multiple: int, value):
 def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache,
                  extra_indices, extra_topk_length, *, head_dim_v, tuning, interpret):
   b, s_q, h_q, d = q.shape
-  layout = _tiles.key_layout(cache.fmt, d, head_dim_v)
-  block_h = tuning.block_h or min(64, _tiles.pow2_at_least(h_q))
-  _tiles.check_pow2("block_h", block_h)
-  _tiles.check_pow2("block_k", tuning.block_k)
+  main = cache_view.kernel_operands(cache, "k_cache")
+  layout = _tiles.key_layout(main.fmt, d, head_dim_v, main.rope_col, main.packed)
+  block_h = tuning.rows_per_program(h_q)
   n_hb = -(-h_q // block_h)
   h_pad = n_hb * block_h - h_q
   q_RNH = jnp.pad(q.reshape(b * s_q, h_q, d), ((0, 0), (0, h_pad), (0, 0)))
@@ -274,24 +260,30 @@ def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra
   idx_RX = _pad_last(indices.reshape(b * s_q, -1), tuning.block_k, -1)
   has_extra = extra_cache is not None
   n_chunks = idx_RX.shape[-1] // tuning.block_k
+  attended = indices.shape[-1]
   operands = [topk_length, softmax_scale.reshape(1), q_RNH, sink_N, idx_RX,
-              *[a for a in _tiles.flat_key_arrays(cache) if a is not None]]
+              *_refs(main)]
+  extra_layout = None
   if has_extra:
+    extra = cache_view.kernel_operands(extra_cache, "extra_k_cache")
+    extra_layout = _tiles.key_layout(extra.fmt, d, head_dim_v, extra.rope_col, extra.packed)
     eidx_RX = _pad_last(extra_indices.reshape(b * s_q, -1), tuning.block_k, -1)
     n_chunks += eidx_RX.shape[-1] // tuning.block_k
-    operands += [extra_topk_length, eidx_RX,
-                 *[a for a in _tiles.flat_key_arrays(extra_cache) if a is not None]]
-  if tuning.num_splits is None:
-    sms = 2 if interpret else tuning.num_sms
-    splits = max(1, min(-(-sms // (b * s_q * n_hb)), n_chunks, 64))
-  else:
-    require(isinstance(tuning.num_splits, int) and tuning.num_splits >= 1,
-            f"num_splits={tuning.num_splits!r}: expected an int >= 1")
-    splits = tuning.num_splits
+    attended += extra_indices.shape[-1]
+    operands += [extra_topk_length, eidx_RX, *_refs(extra)]
+  bpt = bytes_per_token(main.fmt, d)
+  splits = choose_num_splits(tuning, programs=b * s_q * n_hb,
+                             kv_bytes_per_program=attended * bpt,
+                             partial_bytes_per_split=block_h * (head_dim_v + 1) * 4,
+                             max_key_blocks=n_chunks, interpret=interpret)
   final = splits == 1
   kernel = functools.partial(
-      _sparse_kernel, layout=layout, has_scales=cache.scales is not None, has_extra=has_extra,
-      s_q=s_q, block_h=block_h, block_k=tuning.block_k, num_splits=splits, final=final)
+      _sparse_kernel, layout=layout, extra_layout=extra_layout,
+      has_scales=main.scales is not None,
+      extra_has_scales=has_extra and extra.scales is not None, has_extra=has_extra,
+      s_q=s_q, block_h=block_h, block_k=tuning.block_k, num_splits=splits, final=final,
+      num_tokens=cache_view.info(cache).num_tokens,
+      extra_num_tokens=cache_view.info(extra_cache).num_tokens if has_extra else 0)
   whole = pl.no_block_spec
   in_specs = [whole, whole, pl.BlockSpec((None, block_h, d), lambda i, s, j: (i, j, 0)),
               pl.BlockSpec((block_h,), lambda i, s, j: (j,))] + [whole] * (len(operands) - 4)
@@ -309,7 +301,7 @@ def _pallas_core(q, cache, indices, topk_length, attn_sink, softmax_scale, extra
   out, lse = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(rows, splits, n_hb), in_specs=in_specs,
       out_specs=out_specs,
-      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages, block_h),
+      compiler_params=tuning.compiler_params(block_h),
       interpret=interpret, name="sparse_decode_mla")(*operands)
   if not final:
     out, lse = combine.combine_splits(out, lse, attn_sink_N=sink_N, out_dtype=jnp.bfloat16)
@@ -325,7 +317,8 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
 
   Args:
     q: bf16 ``[b, s_q, h_q, d_qk]`` (d_qk 576 for v32, 512 for model1).
-    k_cache: ``KCache`` (v32 / model1 / bf16) or FlashMLA packed bytes (see ``as_kcache``).
+    k_cache: ``KCache`` (v32 / model1 / bf16), a bf16 array ``[Z, Y, 1, d_qk]`` (read in
+      place), or FlashMLA packed bytes (read in place too; see ``cache_view``).
     indices: int32 ``[b, s_q, topk]``, block * block_size + offset, -1 = invalid.  Concrete
       indices are checked against the cache (ValueError); under jit, out-of-range = invalid.
     head_dim_v: value dims (the first head_dim_v of the key; 512 for both geometries).
@@ -336,7 +329,7 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
       format, own block size) whose selected tokens join the same softmax.
     impl: "xla" (the reference) or "pallas" (the Triton kernel; interpret mode on CPU).
       The kernel needs head_dim_v = d_qk - 64 or d_qk (whole key tiles).
-    tuning: ``SparseDecodeTuning`` for impl="pallas" (default: its defaults).
+    tuning: ``KernelTuning`` for impl="pallas" (default: its defaults).
     interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (natural log, sink
@@ -348,7 +341,7 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
       attn_sink=attn_sink, topk_length=topk_length, extra_k_cache=extra_k_cache,
       extra_indices_in_kvcache=extra_indices_in_kvcache, extra_topk_length=extra_topk_length)
   if impl == "pallas":
-    _tiles.key_layout(args["cache"].fmt, q.shape[-1], head_dim_v)   # ValueError if untileable
-    return _pallas_core(**args, head_dim_v=head_dim_v, tuning=tuning or SparseDecodeTuning(),
+    _tiles.key_layout(cache_view.info(args["cache"]).fmt, q.shape[-1], head_dim_v)  # ValueError if untileable
+    return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),
                         interpret=_tiles.default_interpret(interpret))
   return _reference_core(**args, head_dim_v=head_dim_v)

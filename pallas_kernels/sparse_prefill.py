@@ -1,5 +1,5 @@
 """Sparse prefill attention over a bf16 KV buffer: FlashMLA's ``flash_mla_sparse_fwd``
-(DESIGN.md §4).  Public entry point plus the plain-jnp reference for the kernels.
+Public entry point plus the plain-jnp reference for the kernels.
 
 What it computes, per query position t and head n, over the keys the indices pick:
     valid x:   0 <= indices[t, 0, x] < s_kv  and  x < topk_length[t]
@@ -9,7 +9,7 @@ What it computes, per query position t and head n, over the keys the indices pic
     out        = softmax(l) @ kv[..., :d_v] * 1 / (1 + exp(attn_sink[n] - lse))   (0 if none)
 max_logits and lse are those of the *scaled* logits (sm_scale applied), natural log: this is
 FlashMLA's ``tests/ref.py`` (``ref_sparse_attn_fwd``) and kernels; its README's "base 2" is
-wrong, and "unscaled" in DESIGN §4 means not multiplied by log2(e).  The sink changes out
+wrong, and "unscaled" means not multiplied by log2(e).  The sink changes out
 only; +-inf sinks behave as in decode.  Invalid slots are removed with selects, so a NaN key
 behind an invalid index (or past topk_length) never reaches the output.
 
@@ -28,7 +28,6 @@ in the kernel.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -36,8 +35,9 @@ import jax.numpy as jnp
 
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _tiles, combine
-from pallas_kernels.fp8_cache import require
+from pallas_kernels import _tiles, cache_view, softmax
+from pallas_kernels.fp8_cache import host_value, require
+from pallas_kernels.tuning import KernelTuning, SparsePrefillTuning, check_tuning  # noqa: F401
 
 IMPLS = ("xla", "pallas")
 
@@ -60,6 +60,7 @@ def validate_sparse_prefill_args(q, kv, indices, *, sm_scale, d_v=512, attn_sink
   require(isinstance(d_v, int) and 0 < d_v <= d_qk,
           f"d_v={d_v!r}: expected an int in (0, {d_qk}] (512 for v32 and model1)")
   require(sm_scale is not None, "sm_scale=None: flash_mla_sparse_fwd needs an explicit scale")
+  _tiles.check_scale("sm_scale", sm_scale)
   topk = indices.shape[-1]
   if topk_length is None:
     topk_length = jnp.full((s_q,), topk, jnp.int32)
@@ -67,6 +68,10 @@ def validate_sparse_prefill_args(q, kv, indices, *, sm_scale, d_v=512, attn_sink
           and jnp.issubdtype(topk_length.dtype, jnp.integer),
           f"topk_length shape={getattr(topk_length, 'shape', None)} dtype={getattr(topk_length, 'dtype', None)}: "
           f"expected int32 [{s_q}]")
+  lv = host_value(topk_length)
+  if lv is not None:
+    require(bool(((lv >= 0) & (lv <= topk)).all()),
+            f"topk_length={lv.tolist()}: expected values in [0, {topk}]")
   if attn_sink is None:
     attn_sink = jnp.full((h_q,), -jnp.inf, jnp.float32)               # -inf: exact no-op
   require(hasattr(attn_sink, "shape") and attn_sink.shape == (h_q,)
@@ -87,9 +92,9 @@ def _reference_core(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v):
   k_TXH = jnp.where(valid_TX[..., None], k_TXH, 0.0)
   hp = jax.lax.Precision.HIGHEST
   logits_TNX = jnp.einsum("tnh,txh->tnx", q.astype(jnp.float32), k_TXH, precision=hp) * sm_scale
-  p_TNX, lse_TN, max_TN = combine.masked_softmax(logits_TNX, valid_TX[:, None, :])
+  p_TNX, lse_TN, max_TN = softmax.masked_softmax(logits_TNX, valid_TX[:, None, :])
   out_TNV = jnp.einsum("tnx,txv->tnv", p_TNX, k_TXH[..., :d_v], precision=hp)
-  out_TNV, lse_TN = combine.finalize(out_TNV, lse_TN, attn_sink)
+  out_TNV, lse_TN = softmax.finalize(out_TNV, lse_TN, attn_sink)
   return out_TNV, max_TN, lse_TN
 
 
@@ -102,22 +107,6 @@ def sparse_prefill_reference(q, kv, indices, *, sm_scale, d_v=512, attn_sink=Non
 
 
 # ----------------------------------------------------------------------------- Pallas kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class SparsePrefillTuning:
-  """Static kernel knobs (hashable: part of the jit cache key).
-
-  block_h: query heads per program (power of two >= 16; None = min(64, h_q) rounded up).
-  block_k: index-list entries per loop step.  No split-KV: prefill has s_q x h_q / block_h
-  programs, plenty to fill the GPU (FlashMLA's prefill kernel does not split either).
-  num_warps: None = 8 for 64-head blocks, else 4.  Defaults compiled offline for sm_90a
-  (no GPU): wgmma, 128-144 KB shared memory, 100-400 B/thread of spills.  Untimed.
-  """
-  block_h: int | None = None
-  block_k: int = 32
-  num_warps: int | None = None
-  num_stages: int = 2
 
 
 def _prefill_kernel(len_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_nope_ref, kv_rope_ref,
@@ -149,16 +138,15 @@ def _pallas_core(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, tunin
   s_q, h_q, d = q.shape
   # One bf16 array holds the whole key: passed twice, the RoPE tile read at column d - 64.
   layout = _tiles.key_layout("bf16", d, d_v, rope_col=d - _tiles.D_ROPE)
-  block_h = tuning.block_h or min(64, _tiles.pow2_at_least(h_q))
-  _tiles.check_pow2("block_h", block_h)
-  _tiles.check_pow2("block_k", tuning.block_k)
+  block_h = tuning.rows_per_program(h_q)
   n_hb = -(-h_q // block_h)
   h_pad = n_hb * block_h - h_q
   q_TNH = jnp.pad(q, ((0, 0), (0, h_pad), (0, 0)))
   sink_N = jnp.pad(attn_sink, (0, h_pad), constant_values=-jnp.inf)
   idx_TX = indices[:, 0, :]
   idx_TX = jnp.pad(idx_TX, ((0, 0), (0, -idx_TX.shape[1] % tuning.block_k)), constant_values=-1)
-  kv_SH = kv.reshape(kv.shape[0], d)
+  kv_SH = kv.reshape(kv.shape[0], d)                   # a bitcast; read twice, never split
+  cache_view.check_addressable("kv", kv_SH.shape, kv_SH.dtype)
   h_all = n_hb * block_h
   whole = pl.no_block_spec
   out, max_logits, lse = pl.pallas_call(
@@ -172,7 +160,7 @@ def _pallas_core(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, tunin
       out_specs=(pl.BlockSpec((None, block_h, d_v), lambda t, j: (t, j, 0)),
                  pl.BlockSpec((None, block_h), lambda t, j: (t, j)),
                  pl.BlockSpec((None, block_h), lambda t, j: (t, j))),
-      compiler_params=_tiles.compiler_params(tuning.num_warps, tuning.num_stages, block_h),
+      compiler_params=tuning.compiler_params(block_h),
       interpret=interpret, name="sparse_prefill_mla",
   )(topk_length, sm_scale.reshape(1), q_TNH, sink_N, idx_TX, kv_SH, kv_SH)
   return out[:, :h_q], max_logits[:, :h_q], lse[:, :h_q]
@@ -191,7 +179,7 @@ def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_le
     topk_length: optional int32 ``[s_q]``: query t uses indices[t, 0, :topk_length[t]].
     impl: "xla" (the reference) or "pallas" (the Triton kernel; interpret mode on CPU).
       The kernel needs d_qk 576 or 512 and d_v = d_qk - 64 or d_qk (whole key tiles).
-    tuning: ``SparsePrefillTuning`` for impl="pallas" (default: its defaults).
+    tuning: ``KernelTuning`` for impl="pallas" (no split-KV; default: its defaults).
     interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[s_q, h_q, d_v]``, max_logits fp32 ``[s_q, h_q]`` (-inf if no valid index),
@@ -202,6 +190,6 @@ def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_le
                                       attn_sink=attn_sink, topk_length=topk_length)
   if impl == "pallas":
     _tiles.key_layout("bf16", q.shape[-1], d_v)                   # ValueError if untileable
-    return _pallas_core(**args, d_v=d_v, tuning=tuning or SparsePrefillTuning(),
+    return _pallas_core(**args, d_v=d_v, tuning=check_tuning(tuning, can_split=False),
                         interpret=_tiles.default_interpret(interpret))
   return _reference_core(**args, d_v=d_v)

@@ -323,11 +323,18 @@ def test_sparse_prefill_kernel_matches_reference(case):
 # ----------------------------------------------------------------------------- GPU path, no GPU
 
 
+H200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+
+
 def _export_cuda(f, *args):
-  """StableHLO text of f lowered for CUDA (jax 0.10 assumes compute capability 9.0 when no
-  GPU is present).  Triton IR has no stability guarantee, so export refuses the Triton
-  custom call unless that check is disabled."""
-  exp = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[TRITON])(*args)
+  """StableHLO text of f lowered for CUDA with no GPU present.  jax 0.11's Pallas Triton
+  lowering asks the device for its compute capability; an abstract mesh carrying an
+  abstract H200 (sm_90) answers for it.  Triton IR has no stability guarantee, so export
+  refuses the Triton custom call unless that check is disabled."""
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                  abstract_device=H200)
+  with jax.sharding.use_abstract_mesh(mesh):
+    exp = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[TRITON])(*args)
   return exp.mlir_module()
 
 
@@ -454,14 +461,14 @@ def test_kernel_argument_errors():
   with pytest.raises(ValueError, match="num_splits=0"):
     pk.sparse_decode(q, cache, idx, impl="pallas", **kw, tuning=SparseDecodeTuning(num_splits=0))
   qd, dcache, table, lens = _dense_case("model1", "fp8", 16, 5, 1, False, False, seed=0)
-  with pytest.raises(ValueError, match="block_m=8"):
+  with pytest.raises(ValueError, match="block_q=8"):
     pk.dense_decode(qd, dcache, table, lens, head_dim_v=DV, impl="pallas",
-                    tuning=DenseDecodeTuning(block_m=8))
+                    tuning=DenseDecodeTuning(block_q=8))
   with pytest.raises(ValueError, match=r"head_dim_v \(d_v\)=100"):
     pk.dense_decode(qd, dcache, table, lens, head_dim_v=100, impl="pallas")
   qp, kv, pidx, pkw = _prefill_case("model1", 16, 64, False, False, False, False, False, 0)
-  with pytest.raises(ValueError, match="block_h=24"):
-    pk.sparse_prefill(qp, kv, pidx, impl="pallas", **pkw, tuning=SparsePrefillTuning(block_h=24))
+  with pytest.raises(ValueError, match="block_q=24"):
+    pk.sparse_prefill(qp, kv, pidx, impl="pallas", **pkw, tuning=SparsePrefillTuning(block_q=24))
   with pytest.raises(ValueError, match="d_qk=256"):
     pk.sparse_prefill(qp[..., :256], kv[..., :256], pidx, sm_scale=0.1, d_v=256, impl="pallas")
   assert dataclasses.is_dataclass(DenseDecodeTuning) and hash(DenseDecodeTuning()) is not None
