@@ -279,48 +279,54 @@ def _stats(name: str, x) -> str:
           f"max|x| {np.abs(x).max():.6g}  [{head}]")
 
 
-def check(workdir: str | Path, tokens: list[int], layers=None) -> list[tuple[str, np.ndarray]]:
-  """Run the imported model eagerly on ``tokens`` (one sequence) and return the
-  per-component activations [(name, array)] (``layers``: model1 layer range to show)."""
-  from model1 import evals
+def _components(model, tok, layers):
+  """(name, activation) pairs of one forward (the training form, one sequence)."""
   from model1.mhc import expand
-  model, cfg, _ = evals.load_trained(workdir)
-  V = model.cfg.vocab_size
-  bad = [t for t in tokens if not 0 <= t < V]
-  if not tokens or bad:
-    raise ValueError(f"--tokens={tokens}; expected a non-empty list of ids in [0, {V})")
-  tok = jnp.asarray([tokens], jnp.int32)
-  pos = jnp.arange(len(tokens))[None]
+  pos = jnp.arange(tok.shape[1])[None]
   seg = jnp.ones_like(tok)
   rec = []
   x = model.embed(tok, model.dtype)
   rec.append(("embed", x))
   h = expand(x, model.cfg.mhc.hc_mult)
-  lo, hi = layers or (0, len(model.layers) - 1)
+  lo, hi = layers
   for i, layer in enumerate(model.layers):
     show = lo <= i <= hi
-    def attn_fn(z, layer=layer, i=i, show=show):
+    def note(name, v, i=i, show=show):
       if show:
-        rec.append((f"layers.{i}.attn_norm", z))
-      y, kv = layer.attn(z, pos, seg, return_kv=True)
-      if show:
-        rec.append((f"layers.{i}.attn", y))
-      return y, kv
-    def ffn_fn(z, layer=layer, i=i, show=show):
-      if show:
-        rec.append((f"layers.{i}.ffn_norm", z))
-      y = layer._ffn(z, tok, seg > 0)
-      if show:
-        rec.append((f"layers.{i}.ffn", y))
-      return y
-    h, _ = layer.hc_attn(h, lambda z: attn_fn(layer.attn_norm(z)))
-    h, _ = layer.hc_ffn(h, lambda z: ffn_fn(layer.ffn_norm(z)))
-    if show:
-      rec.append((f"layers.{i}.out", h))
+        rec.append((f"layers.{i}.{name}", v))
+      return v
+    def attn_fn(z, layer=layer):
+      y, kv = layer.attn(note("attn_norm", z), pos, seg, return_kv=True)
+      return note("attn", y), kv
+    h, _ = layer.hc_attn(h, lambda z, layer=layer: attn_fn(layer.attn_norm(z)))
+    h, _ = layer.hc_ffn(h, lambda z, layer=layer: note(
+        "ffn", layer._ffn(note("ffn_norm", layer.ffn_norm(z)), tok, seg > 0)))
+    note("out", h)
   f = model.final_hidden(h)
-  rec.append(("norm", f))
-  rec.append(("logits", model.logits(f)))
-  return [(k, np.asarray(v)) for k, v in rec]
+  rec += [("norm", f), ("logits", model.logits(f))]
+  return rec
+
+
+def check(workdir: str | Path, tokens: list[int], layers=None) -> list[tuple[str, np.ndarray]]:
+  """Run the imported model on ``tokens`` (one sequence, one jitted forward) and return
+  the per-component activations [(name, array)] (``layers``: model1 layers to show)."""
+  from model1 import evals
+  model, cfg, _ = evals.load_trained(workdir)
+  V = model.cfg.vocab_size
+  bad = [t for t in tokens if not 0 <= t < V]
+  if not tokens or bad:
+    raise ValueError(f"--tokens={tokens}; expected a non-empty list of ids in [0, {V})")
+  layers = layers or (0, len(model.layers) - 1)
+  names = []
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, tok):
+    rec = _components(nnx.merge(graphdef, state), tok, layers)
+    names[:] = [k for k, _ in rec]
+    return [v for _, v in rec]
+  values = run(state, jnp.asarray([tokens], jnp.int32))
+  return [(k, np.asarray(v)) for k, v in zip(names, values)]
 
 
 # ---------------------------------------------------------------- CLI

@@ -227,9 +227,10 @@ def test_v4_import_values_run_and_roundtrip(ckpts):
   sc4 = np.ldexp(1.0, s4.view(np.uint8).astype(np.int32) - 127)
   want4 = np.asarray(table, np.float64)[codes] * np.repeat(sc4, 32, axis=1)[:, :codes.shape[1]]
   np.testing.assert_array_equal(p["layers"][1]["ffn"]["experts"]["w2"][2], want4.T)
-  # runs
-  logits = model(jnp.arange(12)[None] % V)
-  assert logits.shape == (1, 12, V) and bool(jnp.all(jnp.isfinite(logits)))
+  # runs (window, CSA and HCA layers), every component finite
+  acts = dict(convert.check(run, list(range(1, 13))))
+  assert acts["logits"].shape == (1, 12, V) and acts["layers.2.ffn"].shape == (1, 12, D)
+  assert all(np.all(np.isfinite(x)) for x in acts.values())
   # export in DeepSeek's formats and in bf16, re-import: bit-identical parameters
   for fmt in ("fp8", "bf16"):
     out = root / f"v4_export_{fmt}"
@@ -249,8 +250,6 @@ def test_v4_slice_reads_only_its_shards(ckpts):
   model, sl = _params(root / "run_slice")
   assert model.cfg.n_layers == 2 and model.cfg.mtp.n_layers == 0
   _assert_same(sl["layers"], {k: full["layers"][k] for k in (0, 1)})
-  for name, x in convert.check(root / "run_slice", [1, 2, 3, 4, 5]):
-    assert np.all(np.isfinite(x)), name
 
 
 def test_v32_hf_names_roundtrip(ckpts):
@@ -259,8 +258,7 @@ def test_v32_hf_names_roundtrip(ckpts):
   model, p = _params(root / "run_v32")
   assert model.cfg.attention.geometry == "v32" and model.cfg.n_dense_layers == 1
   assert res["params"] > 0
-  logits = model(jnp.arange(9)[None] % V)
-  assert bool(jnp.all(jnp.isfinite(logits)))
+  assert all(np.all(np.isfinite(x)) for _, x in convert.check(root / "run_v32", [5, 6, 7, 8]))
   out = root / "v32_export"
   convert.export_checkpoint(root / "run_v32", out, "fp8")
   keys = json.loads((out / hub.INDEX).read_text())["weight_map"]
