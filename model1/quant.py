@@ -113,7 +113,8 @@ def dequant_fp8(w: np.ndarray, scale: np.ndarray, name: str = "weight",
   if np.isnan(w32).any():
     at = tuple(int(i) for i in np.argwhere(np.isnan(w32))[0])
     raise ValueError(f"{name}: element {at} is an FP8 NaN code; expected finite weights")
-  return (w32 * _expand(s, w.shape, (block, block))).astype(out_dtype)
+  with np.errstate(over="ignore"):  # 448 * 2^127 overflows to inf, as in DeepSeek's torch
+    return (w32 * _expand(s, w.shape, (block, block))).astype(out_dtype)
 
 
 def unpack_fp4(packed: np.ndarray) -> np.ndarray:
