@@ -428,8 +428,10 @@ class ShardReader:
   def raw(self, name: str) -> np.ndarray:
     """The stored tensor (numpy; float8/bfloat16 as ml_dtypes)."""
     if name not in self.source_names:
+      hint = (" (an exported slice holds only its own layers: pass --layers)"
+              if name.startswith(("layers.", "mtp.")) else "")
       raise ValueError(f"tensor {name!r} not found in {self.dir} (index or shards); expected "
-                       f"by the model config")
+                       f"by the model config{hint}")
     key, fname = self.source_names[name]
     if fname not in self._handles:
       path = self.dir / fname

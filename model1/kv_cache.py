@@ -78,9 +78,9 @@ class F32Cache(KCache):
   @classmethod
   def empty(cls, num_blocks: int, block_size: int, fmt: str = "f32",
             head_dim: int | None = None) -> "F32Cache":
-    zy = (num_blocks, block_size)
-    return cls(jnp.zeros((*zy, head_dim - D_ROPE), jnp.float32),
-               jnp.zeros((*zy, D_ROPE), jnp.float32), None, "f32")
+    zy, r = (num_blocks, block_size), min(D_ROPE, head_dim)   # the split is storage only
+    return cls(jnp.zeros((*zy, head_dim - r), jnp.float32),
+               jnp.zeros((*zy, r), jnp.float32), None, "f32")
 
 
 jax.tree_util.register_dataclass(F32Cache, data_fields=["nope", "rope", "scales"],
@@ -289,10 +289,9 @@ def write_layer(cache: KCache, kv_BTH: jax.Array, slots_BT: jax.Array) -> KCache
     flat = slots_BT.reshape(-1)
     flat = jnp.where((flat >= 0) & (flat < cache.num_tokens), flat, cache.num_tokens)
     blk, off = flat // cache.block_size, flat % cache.block_size
-    x = kv_BTH.reshape(-1, H).astype(jnp.float32)
+    x, P = kv_BTH.reshape(-1, H).astype(jnp.float32), cache.nope.shape[-1]
     put = lambda dst, src: dst.at[blk, off].set(src, mode="drop")  # noqa: E731
-    return F32Cache(put(cache.nope, x[:, :H - D_ROPE]), put(cache.rope, x[:, H - D_ROPE:]),
-                    None, "f32")
+    return F32Cache(put(cache.nope, x[:, :P]), put(cache.rope, x[:, P:]), None, "f32")
   return write_k_cache(cache, kv_BTH.reshape(-1, H).astype(jnp.bfloat16), slots_BT.reshape(-1))
 
 
