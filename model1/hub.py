@@ -191,7 +191,7 @@ def config_from_deepseek(raw: dict, layers: tuple[int, int] | None = None, dtype
                     attention=attn, ffn=FFNConfig(hidden=ffn_hidden), dtype=dtype, mhc=mhc,
                     use_moe=use_moe, n_dense_layers=n_dense if use_moe else 0, moe=moe,
                     mtp=MTPConfig(n_layers=n_mtp))
-  scale = "e8m0" if v4 or raw.get("scale_fmt") == "ue8m0_packed" else "f32"
+  scale = "e8m0" if v4 else "f32"          # V4 `scale` e8m0, V3.2 `weight_scale_inv` fp32
   return cfg.validate(), Source("v4" if v4 else "v32", a, n, n_total, n_mtp > 0, scale)
 
 
@@ -232,7 +232,7 @@ def _ds_leaf(parts: list[str]) -> str:
   return ".".join(parts)
 
 
-def tensor_plan(state: dict, src: Source, family_fmt: bool = True) -> list[Entry]:
+def tensor_plan(state: dict, src: Source) -> list[Entry]:
   """Entries for every leaf of ``state`` (a pure dict of arrays/ShapeDtypeStructs) that a
   DeepSeek checkpoint holds (MoE load counters are skipped)."""
   out = []
