@@ -3,7 +3,7 @@ print per-component activations for parity checks.
 
   python -m model1.convert --from=DIR --to=WORKDIR [--layers=0-3] [--dtype=bfloat16]
   python -m model1.convert --export --from=WORKDIR --to=DIR [--format=fp8|bf16] [--names=hf]
-  python -m model1.convert --check --from=WORKDIR [--tokens=1,2,3] [--layers=0-0]
+  python -m model1.convert --check --from=WORKDIR [--tokens=1,2,3] [--layers=1-1] [--inputs=h.npy]
 
 Import reads DIR/config.json (``hub.config_from_deepseek``: every field model1 cannot
 express is named in the error) and the safetensors shards through
@@ -25,7 +25,8 @@ Export writes DeepSeek's names (inference names, or the Hugging Face names of V3
 with power-of-two scales, FP4 routed experts for V4) or ``bf16``; a slice keeps its original
 layer ids. Power-of-two scales make import -> export -> import bit-identical.
 
-``--check`` runs the imported layers eagerly on ``--tokens`` and prints, per component
+``--check`` runs the imported layers (one jitted forward) on ``--tokens`` (or on hidden
+states ``--inputs=h.npy`` entering the first ``--layers`` layer) and prints, per component
 (embedding, each layer's attention input/output, FFN input/output, streams, final norm,
 logits), the shape, mean, std, max|x| and the first values, to set beside DeepSeek's
 ``inference/model.py`` on the same weights.
@@ -279,17 +280,24 @@ def _stats(name: str, x) -> str:
           f"max|x| {np.abs(x).max():.6g}  [{head}]")
 
 
-def _components(model, tok, layers):
-  """(name, activation) pairs of one forward (the training form, one sequence)."""
+def _components(model, tok, layers, h0=None):
+  """(name, activation) pairs of one forward (the training form, one sequence); with
+  ``h0`` (the residual streams entering layer ``layers[0]``) only layers[0].. run."""
   from model1.mhc import expand
   pos = jnp.arange(tok.shape[1])[None]
   seg = jnp.ones_like(tok)
   rec = []
-  x = model.embed(tok, model.dtype)
-  rec.append(("embed", x))
-  h = expand(x, model.cfg.mhc.hc_mult)
   lo, hi = layers
+  if h0 is None:
+    x = model.embed(tok, model.dtype)
+    rec.append(("embed", x))
+    h = expand(x, model.cfg.mhc.hc_mult)
+  else:
+    h = h0.astype(model.dtype)
+    rec.append((f"layers.{lo}.in", h))
   for i, layer in enumerate(model.layers):
+    if h0 is not None and i < lo:
+      continue
     show = lo <= i <= hi
     def note(name, v, i=i, show=show):
       if show:
@@ -307,9 +315,13 @@ def _components(model, tok, layers):
   return rec
 
 
-def check(workdir: str | Path, tokens: list[int], layers=None) -> list[tuple[str, np.ndarray]]:
+def check(workdir: str | Path, tokens: list[int], layers=None,
+          inputs: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
   """Run the imported model on ``tokens`` (one sequence, one jitted forward) and return
-  the per-component activations [(name, array)] (``layers``: model1 layers to show)."""
+  the per-component activations [(name, array)] (``layers``: model1 layers to show).
+  ``inputs``: hidden states entering the first shown layer, [T, D] or [T, C, D] (mHC
+  streams; e.g. saved from DeepSeek's model), instead of the embedding of the tokens
+  (which still drive hash routing)."""
   from model1 import evals
   model, cfg, _ = evals.load_trained(workdir)
   V = model.cfg.vocab_size
@@ -317,15 +329,28 @@ def check(workdir: str | Path, tokens: list[int], layers=None) -> list[tuple[str
   if not tokens or bad:
     raise ValueError(f"--tokens={tokens}; expected a non-empty list of ids in [0, {V})")
   layers = layers or (0, len(model.layers) - 1)
+  if layers[1] >= len(model.layers):
+    raise ValueError(f"--layers={layers[0]}-{layers[1]}; expected layers of this run "
+                     f"(0-{len(model.layers) - 1}: model1 numbering, the slice starts at 0)")
+  h0 = None
+  if inputs is not None:
+    C, D = model.cfg.mhc.hc_mult, model.cfg.d_model
+    x = np.asarray(inputs, np.float32)
+    if x.shape == (len(tokens), D):
+      x = np.repeat(x[:, None], C, axis=1) if C > 1 else x[:, None]
+    if x.shape != (len(tokens), C, D):
+      raise ValueError(f"--inputs shape {x.shape}; expected [{len(tokens)}, {D}] or "
+                       f"[{len(tokens)}, {C}, {D}] (one row per token, mHC streams)")
+    h0 = jnp.asarray(x[None])
   names = []
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def run(state, tok):
-    rec = _components(nnx.merge(graphdef, state), tok, layers)
+  def run(state, tok, h0):
+    rec = _components(nnx.merge(graphdef, state), tok, layers, h0)
     names[:] = [k for k, _ in rec]
     return [v for _, v in rec]
-  values = run(state, jnp.asarray([tokens], jnp.int32))
+  values = run(state, jnp.asarray([tokens], jnp.int32), h0)
   return [(k, np.asarray(v)) for k, v in zip(names, values)]
 
 
@@ -345,12 +370,15 @@ def main(argv=None) -> int:
   p.add_argument("--names", choices=("inference", "hf"), help="export naming (default: the source's)")
   p.add_argument("--check", action="store_true", help="print per-component activations")
   p.add_argument("--tokens", default="0,1,2,3", help="comma-separated token ids for --check")
+  p.add_argument("--inputs", help="--check: .npy hidden states [T, D] or [T, C, D] entering "
+                 "the first --layers layer (instead of the embedding)")
   p.add_argument("--debug", action="store_true", help="show tracebacks")
   a = p.parse_args(argv)
   try:
     if a.check:
       toks = [int(t) for t in a.tokens.split(",") if t.strip()]
-      for name, x in check(a.src, toks, parse_layers(a.layers)):
+      inputs = np.load(a.inputs) if a.inputs else None
+      for name, x in check(a.src, toks, parse_layers(a.layers), inputs):
         print(_stats(name, x))
       return 0
     if not a.dst:

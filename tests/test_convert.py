@@ -239,7 +239,7 @@ def test_v4_import_values_run_and_roundtrip(ckpts):
     _assert_same(p, _params(run2)[1])
 
 
-def test_v4_slice_reads_only_its_shards(ckpts):
+def test_v4_slice_reads_only_its_shards(ckpts, capsys):
   root, files = ckpts["root"], ckpts["v4_files"]
   res = convert.import_checkpoint(root / "v4", root / "run_slice", layers=(0, 1), dtype="float32")
   assert set(res["shards_opened"]) == {files["top"], files["layer0"], files["layer1"]}
@@ -249,6 +249,16 @@ def test_v4_slice_reads_only_its_shards(ckpts):
   model, sl = _params(root / "run_slice")
   assert model.cfg.n_layers == 2 and model.cfg.mtp.n_layers == 0
   _assert_same(sl["layers"], {k: full["layers"][k] for k in (0, 1)})
+  # parity printout of one layer fed with given hidden states
+  h = np.random.RandomState(0).randn(3, D).astype(np.float32)
+  np.save(root / "h.npy", h)
+  assert convert.main(["--check", f"--from={root / 'run_slice'}", "--tokens=1,2,3",
+                       "--layers=1-1", f"--inputs={root / 'h.npy'}"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [ln.split()[0] for ln in lines] == [
+      "layers.1.in", "layers.1.attn_norm", "layers.1.attn", "layers.1.ffn_norm",
+      "layers.1.ffn", "layers.1.out", "norm", "logits"]
+  assert "(1, 3, 96)" in lines[-1] and "nan" not in " ".join(lines)
 
 
 def test_v32_hf_names_roundtrip(ckpts):
