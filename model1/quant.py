@@ -23,7 +23,7 @@ the same values: import -> export -> import is bit-identical), q = round-to-near
 clip(w/scale, +-qmax) (values past the block's range saturate).
 
 QAT (``fake_quant_weight_fp8``, ``fake_quant_act_fp8``, ``fake_quant_weight_fp4``,
-``qat_dense``): the same grids in the forward pass with straight-through gradients, for V4's
+``qat_dense``; ``enable_qat(model)`` switches a built model's linears/experts): the same grids in the forward pass with straight-through gradients, for V4's
 FP8 block-128 weight x activation matmuls and FP4 routed experts. model1 stores Dense
 weights [in, out]; the 128x128 blocks are the same tiles transposed, FP4's 1x32 blocks run
 along ``in`` (axis -2 of a model1 weight).
@@ -190,16 +190,16 @@ def _pow2_ceil_jnp(y: jax.Array) -> jax.Array:
 
 
 def _fake_blocks(w2: jax.Array, b0: int, b1: int, qmax: float, floor: float, dtype):
-  """Quantise-dequantise a 2-D array in [b0, b1] blocks (power-of-two scales)."""
+  """Quantise-dequantise a 2-D array in [b0, b1] blocks (power-of-two scales); partial
+  trailing blocks are their own blocks (zero padding never raises an amax)."""
   R, C = w2.shape
-  if R % b0 or C % b1:
-    raise ValueError(f"fake quantisation of shape {w2.shape}: expected multiples of the "
-                     f"block ({b0}, {b1})")
-  t = w2.astype(jnp.float32).reshape(R // b0, b0, C // b1, b1)
+  Rp, Cp = -(-R // b0) * b0, -(-C // b1) * b1
+  t = jnp.pad(w2.astype(jnp.float32), ((0, Rp - R), (0, Cp - C)))
+  t = t.reshape(Rp // b0, b0, Cp // b1, b1)
   amax = jnp.maximum(jnp.max(jnp.abs(t), axis=(1, 3), keepdims=True), floor)
   s = _pow2_ceil_jnp(amax / qmax)
   q = jnp.clip(t / s, -qmax, qmax).astype(dtype).astype(jnp.float32)
-  return (q * s).reshape(R, C)
+  return (q * s).reshape(Rp, Cp)[:R, :C]
 
 
 def fake_quant_weight_fp8(w: jax.Array, block: int = FP8_BLOCK) -> jax.Array:
@@ -230,8 +230,36 @@ def fake_quant_weight_fp4(w_in_out: jax.Array, block: int = FP4_BLOCK) -> jax.Ar
 
 
 def qat_dense(x: jax.Array, w_in_out: jax.Array) -> jax.Array:
-  """V4's FP8 linear: block-128 activation x block-128x128 weight, fp32 accumulation."""
+  """V4's FP8 linear: block-128 activation x block-128x128 weight, fp32 accumulation.
+  ``w_in_out`` [in, *out] (out dims flattened for the blocks, as DeepSeek's [out, in])."""
   xq = fake_quant_act_fp8(x.astype(jnp.float32))
-  wq = fake_quant_weight_fp8(w_in_out.astype(jnp.float32))
+  w2 = w_in_out.reshape(w_in_out.shape[0], -1).astype(jnp.float32)
+  wq = fake_quant_weight_fp8(w2).reshape(w_in_out.shape)
   y = jnp.tensordot(xq, wq, axes=((x.ndim - 1,), (0,)), precision=jax.lax.Precision.HIGHEST)
   return y.astype(x.dtype)
+
+
+# model1 Dense modules DeepSeek-V4 runs as FP8 linears (compressor, gate, indexer
+# weights_proj and the head stay in higher precision there)
+FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wkv_a", "wkv_b", "wo", "wo_b", "wk", "e_proj", "h_proj")
+
+
+def enable_qat(model, fp8_linears: bool = True, fp4_experts: bool = True):
+  """Switch V4's quantisation-aware matmuls on (or off) in a built model, in place:
+  FP8 block-128 weight x activation for the ``FP8_LINEARS`` Dense modules (not under a
+  compressor), FP4 e2m1 routed-expert weights in every MoE. Straight-through gradients.
+  The flags are static module attributes: a jitted step retraces when they change.
+  Returns the number of (linears, MoE layers) switched."""
+  from flax import nnx
+  from model1.layers import Dense
+  from model1.moe import MoE
+  n_lin = n_moe = 0
+  for path, m in nnx.iter_graph(model):
+    names = [str(p) for p in path]
+    if isinstance(m, Dense) and names and names[-1] in FP8_LINEARS and "compressor" not in names:
+      m.fp8_qat = bool(fp8_linears)
+      n_lin += 1
+    elif isinstance(m, MoE):
+      m.fp4_qat = bool(fp4_experts)
+      n_moe += 1
+  return n_lin, n_moe

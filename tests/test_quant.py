@@ -214,3 +214,27 @@ def test_f32_model_decodes_like_its_forward_and_head_is_f32():
   x = jax.random.normal(jax.random.key(0), (2, 3, cfg.d_model)).astype(jnp.bfloat16)
   want = x.astype(jnp.float32) @ model.head.weight[...]
   np.testing.assert_array_equal(np.asarray(model.logits(x)), np.asarray(want))
+
+
+def test_enable_qat_switches_linears_and_experts():
+  from model1.config import preset
+  from model1.model import Transformer
+  cfg = preset("tiny", "model1")
+  cfg = dataclasses.replace(
+      cfg, vocab_size=128, n_layers=1, dtype="float32", mhc=dataclasses.replace(cfg.mhc, hc_mult=1),
+      attention=dataclasses.replace(cfg.attention, compress_ratios=(0,), n_heads=2, o_groups=1),
+      mtp=dataclasses.replace(cfg.mtp, n_layers=0), moe=dataclasses.replace(cfg.moe, n_hash_layers=0))
+  model = nnx.jit(lambda: Transformer(cfg, nnx.Rngs(0)))()
+  ref = nnx.clone(model)
+  assert quant.enable_qat(model) == (4, 1)        # wq_a, wq_b, wkv, wo_b; one MoE layer
+  attn, x = model.layers[0].attn, np.random.RandomState(4).randn(5, cfg.d_model).astype(np.float32)
+  w = np.asarray(attn.wq_a.weight[...])             # [128, 64]: one partial 128x64 block
+  want = ref_quant(x, 1, 128, "fp8") @ ref_quant(w, 128, 128, "fp8")
+  # exact operands, fp32 accumulation: summation order only
+  np.testing.assert_allclose(np.asarray(attn.wq_a(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+  moe, moe_ref = model.layers[0].ffn, ref.layers[0].ffn
+  for name in ("w1", "w2", "w3"):                   # FP4 values by hand, switch off
+    v = getattr(moe_ref.experts, name)
+    v[...] = np.stack([ref_quant(e.T, 1, 32, "fp4").T for e in np.asarray(v[...])]).astype(np.float32)
+  xs = jnp.asarray(np.random.RandomState(5).randn(1, 6, cfg.d_model).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(moe(xs)[0]), np.asarray(moe_ref(xs)[0]))
