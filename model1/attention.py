@@ -307,9 +307,8 @@ class MLA(nnx.Module):
     """Write this step's cache vectors into the paged ``cache`` and attend over it with
     FlashMLA semantics (``pallas_kernels.dense_decode``): queries are the new tokens at
     the end of each sequence (causal when T > 1). Returns (y [B,T,D], new cache)."""
-    from model1.kv_cache import slots_for, write_layer
+    from model1.kv_cache import dense_decode, slots_for, write_layer
     from pallas_kernels import combine
-    from pallas_kernels.dense_decode import dense_decode
     c = self.cfg
     if c.sparse == "dsa":
       return self._decode_dsa(x_BTD, positions_BT, cache, block_table_BZ, valid_BT, impl)
@@ -323,7 +322,7 @@ class MLA(nnx.Module):
     kv_BTH = self.cache_vector(x_BTD, positions_BT)
     cache = write_layer(cache, kv_BTH, slots_for(block_table_BZ, positions_BT,
                                                  cache.block_size, valid_BT))
-    q_BTNH = self.decode_queries(x_BTD, positions_BT).astype(jnp.bfloat16)
+    q_BTNH = self.decode_queries(x_BTD, positions_BT)  # bf16 for the kernels, f32 cache: f32
     d_v = c.kv_lora_rank if c.geometry == "v32" else c.head_dim
     o_BTNV, lse_BNT = dense_decode(q_BTNH, cache, block_table_BZ, seqlens_B, head_dim_v=d_v,
                                    softmax_scale=self.scale, causal=x_BTD.shape[1] > 1,
@@ -337,8 +336,7 @@ class MLA(nnx.Module):
   def _decode_dsa(self, x_BTD, positions_BT, cache, block_table_BZ, valid_BT, impl):
     """DSA decode: index keys of every cached token (paged like the KV cache), top-k by
     the indexer, then ``sparse_decode`` over the FP8/bf16 token cache."""
-    from model1.kv_cache import DSALayerCache, slots_for, write_layer
-    from pallas_kernels.sparse_decode import sparse_decode
+    from model1.kv_cache import DSALayerCache, slots_for, sparse_decode, write_layer
     c = self.cfg
     B = x_BTD.shape[0]
     slots_BT = slots_for(block_table_BZ, positions_BT, cache.kv.block_size, valid_BT)
@@ -356,7 +354,7 @@ class MLA(nnx.Module):
     val_BTX, pick_BTX = jax.lax.top_k(s_BTS, min(c.index_topk, tok_BS.shape[1]))
     idx_BTX = jnp.where(val_BTX > -jnp.inf,
                         jnp.take_along_axis(tok_BS[:, None], pick_BTX, axis=2), -1)
-    q_BTNH = self.decode_queries(x_BTD, positions_BT, qr_BTQ).astype(jnp.bfloat16)
+    q_BTNH = self.decode_queries(x_BTD, positions_BT, qr_BTQ)
     o_BTNV, _ = sparse_decode(q_BTNH, kv_cache, idx_BTX.astype(jnp.int32), head_dim_v=self.d_v,
                               softmax_scale=self.scale, attn_sink=self.sink(), impl=impl)
     y = self.decode_output(o_BTNV.astype(x_BTD.dtype), positions_BT)
@@ -367,8 +365,7 @@ class MLA(nnx.Module):
     owns block b of ``cache.window``), the compressed entries the extra cache (block b of
     ``cache.comp``); the compressor state emits entry pos//r when (pos+1) % r == 0."""
     import dataclasses
-    from model1.kv_cache import write_layer
-    from pallas_kernels.sparse_decode import sparse_decode
+    from model1.kv_cache import sparse_decode, write_layer
     c, r, W = self.cfg, self.ratio, self.cfg.window_size
     B = x_B1D.shape[0]
     b_B = jnp.arange(B)
@@ -401,7 +398,7 @@ class MLA(nnx.Module):
         eidx_BX = jnp.where(visible_BM, b_B[:, None] * Mx + jnp.arange(Mx), -1)
       extra = dict(extra_k_cache=new["comp"],
                    extra_indices_in_kvcache=eidx_BX[:, None].astype(jnp.int32))
-    q_B1NH = self.decode_queries(x_B1D, pos_B[:, None]).astype(jnp.bfloat16)
+    q_B1NH = self.decode_queries(x_B1D, pos_B[:, None])
     o_B1NV, _ = sparse_decode(q_B1NH, window, widx_BW[:, None].astype(jnp.int32),
                               head_dim_v=c.head_dim, softmax_scale=self.scale,
                               attn_sink=self.sink(), impl=impl, **extra)

@@ -36,8 +36,8 @@ from model1.layers import Dense, RMSNorm, apply_rope
 
 
 class Compressor(nnx.Module):
-  """``quant``: None, "fp8_nope" (main compressor under QAT) or "fp4" (indexer's, after
-  a Hadamard rotation)."""
+  """``quant``: None, "fp8_nope" (main compressor under QAT), "hadamard" (the indexer's:
+  V4 always rotates its entries) or "fp4" (the indexer's under QAT: rotation + FP4)."""
 
   def __init__(self, d_model: int, head_dim: int, ratio: int, rope: RopeConfig,
                norm_eps: float, rngs: nnx.Rngs, quant: str | None = None):
@@ -66,8 +66,8 @@ class Compressor(nnx.Module):
     c_BMH = apply_rope(self.norm(pooled_BMH.astype(dtype)), pos_BM, self.rope)
     if self.quant == "fp8_nope":
       c_BMH = qat.fake_quant_nope(c_BMH, self.rope.dim, 64)
-    elif self.quant == "fp4":
-      c_BMH = qat.indexer_quant(c_BMH, "fp4")
+    elif self.quant in ("fp4", "hadamard"):
+      c_BMH = qat.indexer_quant(c_BMH, "fp4" if self.quant == "fp4" else None)
     return c_BMH
 
   # ------------------------------------------------------------------ training / prefill

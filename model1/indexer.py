@@ -13,8 +13,9 @@ top-k visible keys (causal, same segment); the main attention then runs over tho
   * ``CSAIndexer`` (V4 CSA layers, over compressed entries): keys are the entries of its
     own overlapping ratio-4 ``Compressor`` (J dims); RoPE is V4's (interleaved, LAST 64
     dims, the layer's YaRN RoPE); reference: Hadamard + FP4 (32 blocks) of q and k.
-The Hadamard rotation is orthogonal and applied to both q and k, so q.k is unchanged: it
-is only applied together with fake quantisation (``AttentionConfig.qat``).
+Both always apply the Hadamard rotation to q and k, as DeepSeek does (so cached indexer
+keys match its cache); it is orthogonal, so q.k is unchanged in exact arithmetic, and the
+FP8/FP4 rounding after it is on only with ``AttentionConfig.qat``.
 
 Training (V3.2 recipe, DESIGN §2): the indexer learns from L_I = KL(p_t || softmax(I_t))
 where p_t is the main attention summed over heads and L1-normalised (``kl_loss``). Dense
@@ -99,11 +100,11 @@ class DSAIndexer(_IndexerQuery):
 
   def keys(self, x_BSD, positions_BS):
     k_BSJ = apply_rope_neox_first(self.k_norm(self.wk(x_BSD)), positions_BS, self.rope)
-    return qat.indexer_quant(k_BSJ, "fp8") if self.qat else k_BSJ
+    return qat.indexer_quant(k_BSJ, "fp8" if self.qat else None)
 
   def queries(self, x_BTD, qr_BTQ, positions_BT):
     q_BTIJ = apply_rope_neox_first(self.wq_b(qr_BTQ), positions_BT, self.rope)
-    q_BTIJ = qat.indexer_quant(q_BTIJ, "fp8") if self.qat else q_BTIJ
+    q_BTIJ = qat.indexer_quant(q_BTIJ, "fp8" if self.qat else None)
     return q_BTIJ, self.weights(x_BTD)
 
 
@@ -115,11 +116,11 @@ class CSAIndexer(_IndexerQuery):
     self._init_query(cfg, d_model, rngs)
     self.rope = rope
     self.compressor = Compressor(d_model, cfg.index_head_dim, ratio, rope, cfg.norm_eps,
-                                 rngs, quant="fp4" if cfg.qat else None)
+                                 rngs, quant="fp4" if cfg.qat else "hadamard")
 
   def queries(self, x_BTD, qr_BTQ, positions_BT):
     q_BTIJ = apply_rope(self.wq_b(qr_BTQ), positions_BT, self.rope)
-    q_BTIJ = qat.indexer_quant(q_BTIJ, "fp4") if self.qat else q_BTIJ
+    q_BTIJ = qat.indexer_quant(q_BTIJ, "fp4" if self.qat else None)
     return q_BTIJ, self.weights(x_BTD)
 
 

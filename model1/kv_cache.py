@@ -6,6 +6,9 @@ of ``block_size`` tokens, in one of the FlashMLA formats:
 
   ``bf16``    2*d bytes/token (the baseline)
   ``fp8``     the geometry's FP8 format: ``v32`` (656 B/token) or ``model1`` (584 B/token)
+  ``f32``     float32 vectors, 4*d bytes/token (``F32Cache``): a float32 model decodes
+              exactly as its full forward computes (bf16 storage alone costs ~1e-3);
+              attention over it runs the plain-jnp float32 cores, not the bf16 kernels
 
 A host-side ``BlockAllocator`` hands out blocks; each sequence owns a row of the block
 table ``[B, max_blocks_per_seq]`` (unused entries point at block 0 and are never read,
@@ -39,21 +42,96 @@ import jax.numpy as jnp
 import numpy as np
 
 from model1.compressor import empty_state, prefill_state
-from pallas_kernels.fp8_cache import KCache, write_k_cache
+from pallas_kernels import combine
+from pallas_kernels.fp8_cache import D_ROPE, KCache, write_k_cache
 
-CACHE_FORMATS = ("bf16", "fp8")
+CACHE_FORMATS = ("bf16", "fp8", "f32")
 
 
 def kcache_format(cache_format: str, geometry: str) -> str:
   """The KCache format for a model geometry: 'bf16', or the geometry's own FP8 layout."""
   if cache_format not in CACHE_FORMATS + ("v32", "model1"):
     raise ValueError(f"cache_format={cache_format!r}; expected one of {CACHE_FORMATS}")
-  if cache_format == "bf16":
-    return "bf16"
+  if cache_format in ("bf16", "f32"):
+    return cache_format
   if cache_format in ("v32", "model1") and cache_format != geometry:
     raise ValueError(f"cache_format={cache_format!r} does not match the model geometry "
                      f"{geometry!r}; expected 'bf16', 'fp8' or {geometry!r}")
   return geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class F32Cache(KCache):
+  """A ``KCache`` holding float32 values: nope ``[Z, Y, d-64]`` and rope ``[Z, Y, 64]``
+  fp32, no scales, fmt "f32". ``gather_bf16`` (the name the attention cores call) returns
+  float32 here, so ``attend_dense_fp32`` / ``attend_sparse_fp32`` read it unrounded."""
+
+  @property
+  def bytes_per_token(self) -> int:
+    return 4 * self.head_dim
+
+  def gather_bf16(self, slots: jax.Array) -> jax.Array:
+    flat = jnp.clip(slots, 0, self.num_tokens - 1)
+    pick = lambda a: a.reshape(self.num_tokens, a.shape[-1])[flat]  # noqa: E731
+    return jnp.concatenate([pick(self.nope), pick(self.rope)], axis=-1)
+
+  @classmethod
+  def empty(cls, num_blocks: int, block_size: int, fmt: str = "f32",
+            head_dim: int | None = None) -> "F32Cache":
+    zy, r = (num_blocks, block_size), min(D_ROPE, head_dim)   # the split is storage only
+    return cls(jnp.zeros((*zy, head_dim - r), jnp.float32),
+               jnp.zeros((*zy, r), jnp.float32), None, "f32")
+
+
+jax.tree_util.register_dataclass(F32Cache, data_fields=["nope", "rope", "scales"],
+                                 meta_fields=["fmt"])
+
+
+def empty_kcache(num_blocks: int, block_size: int, fmt: str, head_dim: int) -> KCache:
+  """An empty cache of any format ('f32' -> ``F32Cache``, else ``KCache.empty``)."""
+  if fmt == "f32":
+    return F32Cache.empty(num_blocks, block_size, fmt, head_dim)
+  return KCache.empty(num_blocks, block_size, fmt, head_dim)
+
+
+def dense_decode(q_BTNH, cache, block_table_BZ, seqlens_B, *, head_dim_v: int,
+                 softmax_scale: float, causal: bool, impl: str = "xla"):
+  """``pallas_kernels.dense_decode`` for bf16/FP8 caches (queries cast to bf16, as the
+  kernels take them); float32 math end to end for an ``F32Cache``. Returns (out, lse)."""
+  if isinstance(cache, F32Cache):
+    from pallas_kernels.dense_decode import attend_dense_fp32
+    o, lse_BTN = attend_dense_fp32(q_BTNH.astype(jnp.float32), cache, block_table_BZ,
+                                   seqlens_B, jnp.float32(softmax_scale),
+                                   head_dim_v=head_dim_v, causal=causal)
+    o, lse_BTN = combine.finalize(o, lse_BTN, out_dtype=jnp.float32)
+    return o, jnp.swapaxes(lse_BTN, 1, 2)
+  from pallas_kernels.dense_decode import dense_decode as kernel
+  return kernel(q_BTNH.astype(jnp.bfloat16), cache, block_table_BZ, seqlens_B,
+                head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal, impl=impl)
+
+
+def sparse_decode(q_BTNH, cache, indices_BTX, *, head_dim_v: int, softmax_scale: float,
+                  attn_sink=None, impl: str = "xla", extra_k_cache=None,
+                  extra_indices_in_kvcache=None):
+  """``pallas_kernels.sparse_decode`` (bf16 queries) or, for an ``F32Cache``, the same
+  semantics in float32 (sink in the denominator only, invalid index -1)."""
+  if isinstance(cache, F32Cache):
+    from pallas_kernels.sparse_decode import attend_sparse_fp32
+    B = indices_BTX.shape[0]
+    full = lambda i: jnp.full((B,), i.shape[-1], jnp.int32)  # noqa: E731
+    extra = {}
+    if extra_k_cache is not None:
+      extra = dict(extra_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+                   extra_topk_length=full(extra_indices_in_kvcache))
+    o, lse_BTN = attend_sparse_fp32(q_BTNH.astype(jnp.float32), cache, indices_BTX,
+                                    full(indices_BTX), jnp.float32(softmax_scale), **extra,
+                                    head_dim_v=head_dim_v)
+    o, lse_BTN = combine.finalize(o, lse_BTN, attn_sink, out_dtype=jnp.float32)
+    return o, jnp.swapaxes(lse_BTN, 1, 2)
+  from pallas_kernels.sparse_decode import sparse_decode as kernel
+  return kernel(q_BTNH.astype(jnp.bfloat16), cache, indices_BTX, head_dim_v=head_dim_v,
+                softmax_scale=softmax_scale, attn_sink=attn_sink, impl=impl,
+                extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache)
 
 
 class BlockAllocator:
@@ -104,7 +182,7 @@ class CompressedLayerCache:
   @classmethod
   def empty(cls, batch: int, max_tokens: int, fmt: str, a, layer_id: int):
     r = a.compress_ratio(layer_id)
-    window = KCache.empty(batch, a.window_size, fmt, a.head_dim)
+    window = empty_kcache(batch, a.window_size, fmt, a.head_dim)
     if not r:
       return cls(window)
     m = -(-max_tokens // r)
@@ -112,7 +190,7 @@ class CompressedLayerCache:
     if r == 4:
       icomp = jnp.zeros((batch, m, a.index_head_dim), jnp.float32)
       istate = empty_state(batch, r, a.index_head_dim)
-    return cls(window, KCache.empty(batch, m, fmt, a.head_dim), empty_state(batch, r, a.head_dim),
+    return cls(window, empty_kcache(batch, m, fmt, a.head_dim), empty_state(batch, r, a.head_dim),
                icomp, istate, r)
 
 
@@ -138,7 +216,7 @@ class PagedKVCache:
       raise ValueError(f"block_size={block_size}; expected a positive int")
     per_seq = -(-max_tokens // block_size)
     num_blocks = num_blocks if num_blocks is not None else batch * per_seq
-    layers = [KCache.empty(num_blocks, block_size, fmt, head_dim) for _ in range(n_layers)]
+    layers = [empty_kcache(num_blocks, block_size, fmt, head_dim) for _ in range(n_layers)]
     return cls(layers, np.zeros((batch, per_seq), np.int32), np.zeros((batch,), np.int32),
                BlockAllocator(num_blocks), [[] for _ in range(batch)], block_size)
 
@@ -207,6 +285,13 @@ def slots_for(block_table_BZ: jax.Array, positions_BT: jax.Array, block_size: in
 
 def write_layer(cache: KCache, kv_BTH: jax.Array, slots_BT: jax.Array) -> KCache:
   H = kv_BTH.shape[-1]
+  if isinstance(cache, F32Cache):  # unrounded; slots < 0 or past the cache are dropped
+    flat = slots_BT.reshape(-1)
+    flat = jnp.where((flat >= 0) & (flat < cache.num_tokens), flat, cache.num_tokens)
+    blk, off = flat // cache.block_size, flat % cache.block_size
+    x, P = kv_BTH.reshape(-1, H).astype(jnp.float32), cache.nope.shape[-1]
+    put = lambda dst, src: dst.at[blk, off].set(src, mode="drop")  # noqa: E731
+    return F32Cache(put(cache.nope, x[:, :P]), put(cache.rope, x[:, P:]), None, "f32")
   return write_k_cache(cache, kv_BTH.reshape(-1, H).astype(jnp.bfloat16), slots_BT.reshape(-1))
 
 

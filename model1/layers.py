@@ -47,6 +47,9 @@ class Dense(nnx.Module):
     self.weight = sharding.param(init, rngs.params(), (d_in,) + out_shape, axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if getattr(self, "fp8_qat", False):  # V4 FP8 linear (model1.quant.enable_qat)
+      from model1.quant import qat_dense
+      return qat_dense(x, self.weight[...])
     w = self.weight[...].astype(x.dtype)
     return jnp.tensordot(x, w, axes=((x.ndim - 1,), (0,)))
 

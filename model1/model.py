@@ -67,7 +67,8 @@ class Transformer(nnx.Module):
     return h_BTCD, kvs, states
 
   def logits(self, x_BTD):
-    logits_BTV = self.head(x_BTD)
+    # the LM head multiplies in float32 whatever the compute dtype (as DeepSeek's does)
+    logits_BTV = self.head(x_BTD.astype(jnp.float32))
     return sharding.constrain(logits_BTV.astype(jnp.float32),
                               ("batch", "activation_length", "activation_vocab"))
 

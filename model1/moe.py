@@ -425,8 +425,11 @@ class MoE(nnx.Module):
     ids = None if token_ids_BT is None else token_ids_BT.reshape(b * t)
     s, idx, w = self.route(x, ids)
 
-    y = routed_experts(x, idx, w, self.experts.w1[...], self.experts.w2[...],
-                       self.experts.w3[...], limit=cfg.swiglu_limit,
+    ws = (self.experts.w1[...], self.experts.w2[...], self.experts.w3[...])
+    if getattr(self, "fp4_qat", False):  # V4 FP4 routed experts (model1.quant.enable_qat)
+      from model1.quant import fake_quant_weight_fp4
+      ws = tuple(fake_quant_weight_fp4(v) for v in ws)
+    y = routed_experts(x, idx, w, *ws, limit=cfg.swiglu_limit,
                        dispatch=cfg.dispatch, block=cfg.block_size)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x).astype(jnp.float32)

@@ -92,7 +92,10 @@ def fake_quant_nope(kv: jax.Array, rope_dim: int, tile: int) -> jax.Array:
                          axis=-1)
 
 
-def indexer_quant(x: jax.Array, fmt: str) -> jax.Array:
-  """Hadamard rotation + fake quantisation of indexer q/k: "fp4" (V4) or "fp8" (V3.2)."""
+def indexer_quant(x: jax.Array, fmt: str | None) -> jax.Array:
+  """Hadamard rotation (always, as DeepSeek's indexers do) then fake quantisation of
+  indexer q/k: "fp4" (V4), "fp8" (V3.2) or None (rotation only: QAT off)."""
   x = hadamard(x)
+  if fmt is None:
+    return x
   return fake_quant_fp4(x, 32) if fmt == "fp4" else fake_quant_fp8(x, 128)
