@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from model1.kv_cache import PagedKVCache, kcache_format, write_prefill
+from pallas_kernels.dispatch import resolve_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Generation:
   tokens: list[list[int]]              # generated ids per prompt (stop token included)
   logits: np.ndarray | None            # [steps, B, V] next-token logits (return_logits)
   cache: PagedKVCache
+  impl: str = "xla"                    # the attention implementation that ran (resolved)
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
@@ -87,15 +89,20 @@ def _ids(hashes: dict) -> dict:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
-             *, cache_format: str = "bf16", block_size: int = 64, impl: str = "xla",
+             *, cache_format: str = "bf16", block_size: int = 64, impl: str = "auto",
              return_logits: bool = False, mapping=None) -> Generation:
   """Generate continuations of token-id ``prompts`` (lists of different lengths).
 
   Engram models need ``mapping`` (the run's ``NgramHashMapping``,
   ``trainer.engram_mapping``): the prompts are hashed once, then each new token is hashed
   from the last N-1 ids of its sequence (``hash_step``) and each Engram layer carries its
-  short-conv history, so decoding never recomputes the prefix."""
+  short-conv history, so decoding never recomputes the prefix.
+
+  ``impl``: the attention implementation (``pallas_kernels.dispatch``): "auto" (default)
+  = the Pallas kernels on a GPU, the XLA reference elsewhere; "xla"; "pallas" (on CPU the
+  kernels run in interpret mode: exact but slow). ``Generation.impl`` says which ran."""
   cfg = model.cfg
+  impl = resolve_impl(impl)
   if cfg.use_engram and mapping is None:
     raise ValueError("mapping=None but model.use_engram=True; expected the run's "
                      "NgramHashMapping (model1.trainer.engram_mapping(model_cfg, dataset))")
@@ -167,4 +174,4 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     cache.seqlens[:] = np.asarray(pos)
     if return_logits:
       trace.append(np.asarray(logits_BV))
-  return Generation(out, np.stack(trace) if return_logits else None, cache)
+  return Generation(out, np.stack(trace) if return_logits else None, cache, impl)
