@@ -116,7 +116,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
 
   ``impl``: the attention implementation (``pallas_kernels.dispatch``): "auto" (default)
   = the Pallas kernels on a GPU, the XLA reference elsewhere; "xla"; "pallas" (on CPU the
-  kernels run in interpret mode: exact but slow). ``Generation.impl`` says which ran."""
+  kernels run in Pallas interpret mode: their arithmetic, slowly). ``Generation.impl`` says which ran."""
   cfg = model.cfg
   impl = resolve_impl(impl)
   if cfg.use_engram and mapping is None:
