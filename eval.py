@@ -28,7 +28,9 @@ flags.DEFINE_integer("max_new_tokens", 64, "Tokens to sample.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_enum("cache_format", "bf16", ["bf16", "fp8"], "KV cache format for sampling.")
-flags.DEFINE_enum("impl", "xla", ["xla", "pallas"], "Decode attention implementation.")
+flags.DEFINE_enum("impl", "auto", ["auto", "xla", "pallas"],
+                  "Attention implementation for sampling: auto = the Pallas kernels on a "
+                  "GPU, the XLA reference elsewhere.")
 flags.DEFINE_string("lengths", "", "passkey/mqar: comma-separated context lengths "
                     "(default: 1/4, 1/2 and all of model.max_seq_len).")
 flags.DEFINE_integer("n_trials", 64, "passkey/mqar: examples per length.")
@@ -98,8 +100,9 @@ def main(argv):
       gen = generate.generate(model, [ids], s, cache_format=FLAGS.cache_format,
                               impl=FLAGS.impl, mapping=mapping)
     text = ds.tokenizer.decode(gen.tokens[0])
-    result["sample"] = FLAGS.prompt + text
-    print("----- sample -----\n" + FLAGS.prompt + text + "\n------------------")
+    result.update(sample=FLAGS.prompt + text, impl=gen.impl)
+    print(f"----- sample (attention impl: {gen.impl}) -----\n" + FLAGS.prompt + text
+          + "\n------------------")
   (workdir / "eval.json").write_text(json.dumps(result, indent=1))
 
 

@@ -95,7 +95,7 @@ def suite_config(name: str, preset: str = "tiny", block: str = "plain"):
   c.eval = ml_collections.ConfigDict(dict(
       evals=",".join(EVALS), tasks=("passkey", "mqar"), lengths=(64, 128, 256),
       n_trials=128, eval_batches=16, decode_batch=4, decode_prompt=32, decode_tokens=32,
-      cache_format="bf16", compare_to=""))
+      cache_format="bf16", compare_to="", impl="auto"))
   return c
 
 
@@ -310,15 +310,15 @@ def evaluate(run_dir: Path, ev, decode: bool = True) -> dict:
   if "decode" in which and decode:
     try:
       sp = evals.decode_speed(model, ev.decode_batch, ev.decode_prompt, ev.decode_tokens,
-                              ev.cache_format, mapping=mapping)
-      res["decode_tokens_per_s"] = sp["tokens_per_s"]
+                              ev.cache_format, impl=ev.get("impl", "auto"), mapping=mapping)
+      res.update(decode_tokens_per_s=sp["tokens_per_s"], decode_impl=sp["impl"])
     except Exception as e:  # noqa: BLE001 - e.g. a mode generate does not support yet
       res["errors"]["decode"] = _err(e)
   if ev.compare_to and decode:
     try:
       c = evals.compare_cache_formats(model, [ev.cache_format], ev.compare_to,
                                       ev.decode_batch, ev.decode_prompt, ev.decode_tokens,
-                                      mapping=mapping)
+                                      mapping=mapping, impl=ev.get("impl", "auto"))
       res.update({f"{k}_vs_{ev.compare_to}": v for k, v in c[ev.cache_format].items()
                   if k in ("top1_agreement", "kl", "same_tokens")})
     except Exception as e:  # noqa: BLE001

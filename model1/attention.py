@@ -30,10 +30,16 @@ against the cache vector) over a subset of keys, in query chunks (``attention_co
     sink. Layers with compression use ``compress_rope`` (YaRN) for all their RoPE.
 Decode runs ``pallas_kernels.sparse_decode`` over the caches of ``kv_cache``: DSA over
 the paged token cache with top-k indices; V4 over a ring of W window slots (main cache)
-plus the compressed entries (extra cache).
+plus the compressed entries (extra cache). Inference prefill of the sparse layers can run
+``pallas_kernels.sparse_prefill`` instead of the training form (``prefill_kernels(impl)``):
+every query of the batch is one row, the key rows are the batch's tokens (DSA) or its
+tokens followed by its compressed entries (V4), and the indices pick the top-k tokens
+(DSA) or the window rows plus the HCA / CSA entries (V4).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -50,6 +56,22 @@ from model1.indexer import CSAIndexer, DSAIndexer, index_scores, kl_loss, select
 from model1.layers import AuxLoss, Dense, RMSNorm, apply_rope, rms_norm, yarn_mscale
 
 _HEADS = ("batch", "activation_length", "activation_heads", None)
+
+# The sparse layers' full-sequence attention: None = the training form (differentiable,
+# sows the indexer KL); "xla" / "pallas" = pallas_kernels.sparse_prefill (inference only).
+_PREFILL_IMPL = contextvars.ContextVar("model1_prefill_impl", default=None)
+
+
+@contextlib.contextmanager
+def prefill_kernels(impl: str | None):
+  """Within this context (read when the forward is traced), DSA and V4 compressed layers
+  attend with ``pallas_kernels.sparse_prefill(..., impl=impl)``: for inference (no
+  gradients through the attention, no indexer KL). None: the training form."""
+  token = _PREFILL_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _PREFILL_IMPL.reset(token)
 
 
 class MLA(nnx.Module):
@@ -238,6 +260,12 @@ class MLA(nnx.Module):
     else:
       idx_BTX, valid_BTU = select_topk(qi_BTIJ, k_BSJ, wi_BTI, seg_BT, vis, c.index_topk,
                                        c.attn_chunk)
+      impl = _PREFILL_IMPL.get()
+      if impl is not None:  # inference: the kernel over the batch's tokens as key rows
+        b_B11 = jnp.arange(x_BTD.shape[0])[:, None, None]
+        o_BTNV = self._prefill_kernel(q_BTNH, [kv_BSH],
+                                      jnp.where(valid_BTU, b_B11 * T + idx_BTX, -1), impl)
+        return self.decode_output(o_BTNV, positions_BT), {"kv": kv_BSH, "index_k": k_BSJ}
       def chunk_fn(c0, qs):
         k_BAXH = gather_rows(kv_BSH, qs["idx"])
         o, (p_BAX,) = attend_sources(qs["q"], [(k_BAXH, qs["ok"])], self.scale, sink,
@@ -278,6 +306,25 @@ class MLA(nnx.Module):
         qs["idx"], qs["ok"] = select_topk(qs["qi"], ik_BMJ, qs["wi"], seg_BT, vis,
                                           c.index_topk, c.attn_chunk)
 
+    impl = _PREFILL_IMPL.get()
+    if impl is not None:  # inference: the kernel over [tokens; entries] as key rows
+      rows_T, b_B11 = jnp.arange(T), jnp.arange(B)[:, None, None]
+      j_BTW = jnp.broadcast_to(rows_T[:, None] - W + 1 + jnp.arange(W), (B, T, W))
+      seg_j = jnp.take_along_axis(seg_BT, jnp.clip(j_BTW, 0).reshape(B, -1), 1).reshape(j_BTW.shape)
+      ok_BTW = (j_BTW >= 0) & (seg_j == seg_BT[..., None]) & (seg_BT[..., None] != 0)
+      idx = [jnp.where(ok_BTW, b_B11 * T + j_BTW, -1)]
+      rows = [kv_BSH]
+      if M:
+        if csa and sparse:
+          e_BTX, ok_BTX = qs["idx"], qs["ok"]
+        else:
+          e_BTX = jnp.broadcast_to(jnp.arange(M), (B, T, M))
+          ok_BTX = visible(rows_T, seg_BT, crow_M, cseg_BM)
+        idx.append(jnp.where(ok_BTX, B * T + b_B11 * M + e_BTX, -1))
+        rows.append(comp_BMH)
+      o_BTNH = self._prefill_kernel(q_BTNH, rows, jnp.concatenate(idx, -1), impl)
+      return self._model1_output(o_BTNH, positions_BT), out
+
     def chunk_fn(c0, qc):
       Cq = qc["q"].shape[1]
       qrow_A = c0 + jnp.arange(Cq)
@@ -301,6 +348,20 @@ class MLA(nnx.Module):
     o_BTNH = sharding.constrain(res[0], _HEADS)
     return self._model1_output(o_BTNH, positions_BT), out
 
+  def _prefill_kernel(self, q_BTNH, rows, idx_BTX, impl):
+    """``sparse_prefill`` with every query of the batch as one row: ``rows`` ([B, S_i, H]
+    each) are flattened and concatenated into the key rows that ``idx_BTX`` (-1 invalid)
+    index. Returns [B,T,N,V] in q's dtype."""
+    from pallas_kernels.sparse_prefill import sparse_prefill
+    B, T, N, H = q_BTNH.shape
+    kv_S1H = jnp.concatenate([r.reshape(-1, H) for r in rows])[:, None].astype(jnp.bfloat16)
+    sink = self.sink()
+    o_RNV, _, _ = sparse_prefill(
+        q_BTNH.reshape(B * T, N, H).astype(jnp.bfloat16), kv_S1H,
+        idx_BTX.reshape(B * T, 1, -1).astype(jnp.int32), sm_scale=self.scale, d_v=self.d_v,
+        attn_sink=None if sink is None else sink.astype(jnp.float32), impl=impl)
+    return o_RNV.reshape(B, T, N, -1).astype(q_BTNH.dtype)
+
   # ----------------------------------------------------------------- decode form
   def decode(self, x_BTD: jax.Array, positions_BT: jax.Array, cache, block_table_BZ,
              seqlens_B, valid_BT, impl: str = "xla"):
@@ -309,7 +370,9 @@ class MLA(nnx.Module):
     the end of each sequence (causal when T > 1). Returns (y [B,T,D], new cache)."""
     from model1.kv_cache import dense_decode, slots_for, write_layer
     from pallas_kernels import combine
+    from pallas_kernels.dispatch import resolve_impl
     c = self.cfg
+    impl = resolve_impl(impl)  # "auto" -> the backend's fastest
     if c.sparse == "dsa":
       return self._decode_dsa(x_BTD, positions_BT, cache, block_table_BZ, valid_BT, impl)
     if c.sparse == "compressed":  # one token at a time: the compressor state is sequential

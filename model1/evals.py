@@ -207,10 +207,11 @@ def _prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[list[i
 
 
 def decode_speed(model, batch: int = 4, prompt_len: int = 16, new_tokens: int = 16,
-                 cache_format: str = "bf16", impl: str = "xla", repeats: int = 1,
+                 cache_format: str = "bf16", impl: str = "auto", repeats: int = 1,
                  mapping=None) -> dict:
   """Greedy ``generate`` throughput (new tokens/s, after one untimed call that compiles
-  the prefill and the decode step for these shapes) and the cache's bytes per token."""
+  the prefill and the decode step for these shapes), the cache's bytes per token and the
+  attention implementation that ran (``impl="auto"``: the kernels on a GPU)."""
   from model1 import generate
   s = generate.SamplingConfig(max_new_tokens=new_tokens)
   prompts = _prompts(model.cfg.vocab_size, batch, prompt_len, 0)
@@ -223,12 +224,12 @@ def decode_speed(model, batch: int = 4, prompt_len: int = 16, new_tokens: int = 
   dt = (time.perf_counter() - t0) / repeats
   n = sum(len(t) for t in gen.tokens)
   return {"cache_format": cache_format, "tokens_per_s": n / dt, "seconds": dt,
-          "kv_bytes_per_token": gen.cache.bytes_per_token()}
+          "kv_bytes_per_token": gen.cache.bytes_per_token(), "impl": gen.impl}
 
 
 def compare_cache_formats(model, formats: Sequence[str] = ("fp8",), reference: str = "bf16",
                           batch: int = 4, prompt_len: int = 16, new_tokens: int = 16,
-                          mapping=None) -> dict:
+                          mapping=None, impl: str = "auto") -> dict:
   """How a KV cache format changes greedy decoding relative to ``reference``.
 
   Both runs decode greedily from the same prompts. While their generated tokens agree
@@ -240,11 +241,11 @@ def compare_cache_formats(model, formats: Sequence[str] = ("fp8",), reference: s
   s = generate.SamplingConfig(max_new_tokens=new_tokens)
   prompts = _prompts(model.cfg.vocab_size, batch, prompt_len, 1)
   ref = generate.generate(model, prompts, s, cache_format=reference, return_logits=True,
-                          mapping=mapping)
+                          mapping=mapping, impl=impl)
   out = {}
   for fmt in formats:
     g = generate.generate(model, prompts, s, cache_format=fmt, return_logits=True,
-                          mapping=mapping)
+                          mapping=mapping, impl=impl)
     agree, kls, same = [], [], 0
     for b in range(batch):
       ta, tb = ref.tokens[b], g.tokens[b]

@@ -1,16 +1,29 @@
 """Batched generation over the paged KV cache (bf16 or FlashMLA FP8 formats).
 
 Prompts of different lengths are right-padded and prefilled in one full forward
-(attention in the training form; padding is segment 0, so it is never attended); each
-layer's cache vectors of the real tokens are then written into the paged cache. Decoding
-feeds one token per sequence at its own position: every layer writes its new cache
-vector and attends over the cache with FlashMLA semantics (``pallas_kernels.dense_decode``:
-``impl="xla"`` reference or ``"pallas"`` kernel). V32 decodes in absorbed form over the
-576-dim latent; MODEL1 over the shared 512-dim key=value with VVPA and the sink.
+(padding is segment 0, so it is never attended); each layer's cache vectors of the real
+tokens are then written into the paged cache. Decoding feeds one token per sequence at
+its own position: every layer writes its new cache vector and attends over the cache
+with FlashMLA semantics (``pallas_kernels.dense_decode``). V32 decodes in absorbed form
+over the 576-dim latent; MODEL1 over the shared 512-dim key=value with VVPA and the sink.
 Sparse models (``attention.sparse``) decode with ``pallas_kernels.sparse_decode``: DSA
 over the paged token cache with the indexer's top-k; V4 compressed attention over a ring
-of W window slots plus the compressed entries (``kv_cache.CompressedLayerCache``), the
-prefill leaving each compressor's unfinished block in its state.
+of W window slots (main cache) plus the compressed entries (extra cache;
+``kv_cache.CompressedLayerCache``), the prefill leaving each compressor's unfinished
+block in its state. Query heads are padded to the kernel's head block inside the kernel.
+
+``impl`` picks the attention implementation (``pallas_kernels.dispatch.resolve_impl``):
+"auto" (default) = the Pallas kernels on a GPU, the XLA reference on CPU/TPU; "xla";
+"pallas" (interpret mode on CPU). With kernels, the prefill of DSA and V4 compressed
+layers runs ``pallas_kernels.sparse_prefill`` (``attention.prefill_kernels``): all the
+batch's queries as rows, the batch's tokens (DSA; plus, V4, its compressed entries) as key
+rows, indices = the indexer's top-k tokens (DSA) or the W window rows + the HCA/CSA
+entries (V4), the sink passed through. Dense layers prefill in the training form: their
+causal attention within segments is dense (``sparse_prefill`` would need every earlier
+token as an index, T^2 indices), and the V32 training form expands per-head keys through
+``wkv_b`` (192-dim heads, 128-dim values) -- not the shared 576-dim key the kernel reads.
+With ``impl="xla"`` prefill stays in the training form, the oracle the kernels are
+compared with.
 
 The decode step is one jitted function of (params, caches, tokens, positions, block
 table): it compiles once per batch size and cache shape, never per token.
@@ -26,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model1.attention import prefill_kernels
 from model1.kv_cache import PagedKVCache, kcache_format, write_prefill
+from pallas_kernels.dispatch import resolve_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +58,7 @@ class Generation:
   tokens: list[list[int]]              # generated ids per prompt (stop token included)
   logits: np.ndarray | None            # [steps, B, V] next-token logits (return_logits)
   cache: PagedKVCache
+  impl: str = "xla"                    # the attention implementation that ran (resolved)
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
@@ -59,11 +75,13 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature, top_p) -> jax.Arra
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _prefill(graphdef, state, tokens_BT, segment_ids_BT, engram_hash, lens_B):
+@partial(jax.jit, static_argnums=(0, 1))
+def _prefill(graphdef, impl, state, tokens_BT, segment_ids_BT, engram_hash, lens_B):
   model = nnx.merge(graphdef, state)
   pos_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-  return model.prefill(tokens_BT, pos_BT, segment_ids_BT, engram_hash, lens_B)
+  # the XLA path keeps the training form (the oracle); kernels: sparse_prefill
+  with prefill_kernels(None if impl == "xla" else impl):
+    return model.prefill(tokens_BT, pos_BT, segment_ids_BT, engram_hash, lens_B)
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -87,15 +105,20 @@ def _ids(hashes: dict) -> dict:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
-             *, cache_format: str = "bf16", block_size: int = 64, impl: str = "xla",
+             *, cache_format: str = "bf16", block_size: int = 64, impl: str = "auto",
              return_logits: bool = False, mapping=None) -> Generation:
   """Generate continuations of token-id ``prompts`` (lists of different lengths).
 
   Engram models need ``mapping`` (the run's ``NgramHashMapping``,
   ``trainer.engram_mapping``): the prompts are hashed once, then each new token is hashed
   from the last N-1 ids of its sequence (``hash_step``) and each Engram layer carries its
-  short-conv history, so decoding never recomputes the prefix."""
+  short-conv history, so decoding never recomputes the prefix.
+
+  ``impl``: the attention implementation (``pallas_kernels.dispatch``): "auto" (default)
+  = the Pallas kernels on a GPU, the XLA reference elsewhere; "xla"; "pallas" (on CPU the
+  kernels run in Pallas interpret mode: their arithmetic, slowly). ``Generation.impl`` says which ran."""
   cfg = model.cfg
+  impl = resolve_impl(impl)
   if cfg.use_engram and mapping is None:
     raise ValueError("mapping=None but model.use_engram=True; expected the run's "
                      "NgramHashMapping (model1.trainer.engram_mapping(model_cfg, dataset))")
@@ -133,7 +156,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     # hash_step history per sequence: the last N-1 compressed ids of its own prompt
     hash_state = np.concatenate([mapping.hash_step(mapping.init_state(1), np.asarray([p]))[1]
                                  for p in prompts])
-  logits_BTV, kvs, engram_state = _prefill(graphdef, state, jnp.asarray(toks),
+  logits_BTV, kvs, engram_state = _prefill(graphdef, impl, state, jnp.asarray(toks),
                                            jnp.asarray(seg), engram_hash, jnp.asarray(lens))
   table = jnp.asarray(cache.block_table)
   cache.layers = _write_prefill(cache.layers, kvs, table, jnp.asarray(lens))
@@ -167,4 +190,4 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
     cache.seqlens[:] = np.asarray(pos)
     if return_logits:
       trace.append(np.asarray(logits_BV))
-  return Generation(out, np.stack(trace) if return_logits else None, cache)
+  return Generation(out, np.stack(trace) if return_logits else None, cache, impl)

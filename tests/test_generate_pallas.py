@@ -38,9 +38,10 @@ def test_generation_pallas_matches_xla(geometry, cache_format, block_size):
   ref, ker = runs["xla"], runs["pallas"]
   assert ref.logits.shape == ker.logits.shape == (STEPS, len(PROMPTS), 97)
   # The kernel's attention output is within 2^-8 max|v| + 1 bf16 ulp of the reference's
-  # (bf16 P before P@V; tests/test_kernels.py); two layers of fp32 projections carry that
-  # to the logits as a few 2^-8 of their scale: bound 2^-5 max|logits| (seen: ~2^-8).
-  bound = 2.0**-5 * float(np.abs(ref.logits).max())
+  # (bf16 P before P@V; tests/test_kernels.py); two layers carry that to the logits. Bound
+  # ~2x the largest error seen (bf16 cache 0.0043, fp8 0.0108 x max|logits|); a kernel that
+  # drops one key moves them 35-60x the bound (tests/test_generate_sparse_kernels.py).
+  bound = (2.0**-6.5 if cache_format == "bf16" else 2.0**-5.5) * float(np.abs(ref.logits).max())
   same_prefix = np.ones(len(PROMPTS), bool)
   for step in range(STEPS):
     for b in range(len(PROMPTS)):
