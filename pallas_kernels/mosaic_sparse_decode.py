@@ -112,7 +112,7 @@ def smem_bytes(fmt: str, d_v: int) -> int:
 
 
 def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref, sc_ref, *rest,
-            fmt, d_v, has_extra, s_q, n_main_rows, n_extra_rows):
+            fmt, d_v, has_extra, s_q, n_main_rows, n_extra_rows, brk=None):
   if has_extra:
     elens_ref, eidx_ref, enope_ref, erope_ref, esc_ref, o_ref, lse_ref = rest
   else:
@@ -173,6 +173,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       idx_K = idx_smem[rs]
       pos_K = cc * BLOCK_K + lax.broadcasted_iota(jnp.int32, (BLOCK_K,), 0)
       valid_K = (idx_K >= 0) & (idx_K < rows) & (pos_K < clen)
+      if brk == "drop_key":
+        valid_K = valid_K & (pos_K % BLOCK_K != 0)
       valid_KW = lax.broadcast_in_dim(valid_K, (BLOCK_K, width), [0])
       win = sc_raw[rs]
       col = lax.broadcasted_iota(jnp.int32, win.shape, 1)
@@ -213,6 +215,12 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         plgpu.commit_smem()            # generic-proxy stores -> visible to wgmma
         plgpu.barrier_arrive(ready.at[c % K_STAGES])
 
+      # Observe the last "consumed" phases, so the barriers end balanced (and the CTA does
+      # not retire while the consumer still reads a stage).
+      @pl.loop(jnp.maximum(n_total - K_STAGES, 0), n_total)
+      def _drain(c):
+        plgpu.barrier_wait(consumed.at[c % K_STAGES])
+
     # ------------------------------------------------------------------ consumer
     @pl.when(wg == 0)
     def _consumer():
@@ -224,7 +232,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       def step(c, carry):
         acc, m_N, l_N = carry
         ks = c % K_STAGES
-        plgpu.barrier_wait(ready.at[ks])
+        if brk != "no_barrier":
+          plgpu.barrier_wait(ready.at[ks])
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
@@ -318,12 +327,32 @@ def check_supported(cache, d_qk: int, head_dim_v: int) -> None:
   require(need <= SMEM_LIMIT, f"shared memory {need} B > {SMEM_LIMIT} B per CTA")
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "interpret"))
+def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
+  """None/True/False/params -> GPU interpret params or None (real kernel).
+
+  None means: interpret when the default backend is the CPU."""
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
+def sparse_decode(args: dict, head_dim_v: int, interpret=None):
+  """``sparse_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first)."""
+  check_supported(args["cache"], args["q"].shape[-1], head_dim_v)
+  return run(**args, head_dim_v=head_dim_v, interpret=interpret_params(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "interpret", "_break"))
 def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=None,
-        extra_indices=None, extra_topk_length=None, *, head_dim_v, interpret=None):
+        extra_indices=None, extra_topk_length=None, *, head_dim_v, interpret=None,
+        _break=None):
   """The Mosaic GPU kernel on validated arguments (``sparse_decode_mla_mosaic``).
 
   ``interpret``: None = real kernel; an ``InterpretGPUParams`` = GPU interpret mode (CPU).
+  ``_break`` (tests only): "drop_key" drops each tile's first key, "no_barrier" removes the
+  consumer's wait on the producer's "ready" barrier; the tests check that both fail.
   Returns out bf16 ``[b, s_q, h_q, d_v]`` and lse ``[b, h_q, s_q]``.
   """
   b, s_q, h_q, d = q.shape
@@ -338,7 +367,8 @@ def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=No
   if has_extra:
     operands += [extra_topk_length, _pad_topk(extra_indices, rows), *_flat(extra_cache)]
   kernel = functools.partial(
-      sparse_decode_mla_mosaic, fmt=cache.fmt, d_v=head_dim_v, has_extra=has_extra, s_q=s_q,
+      sparse_decode_mla_mosaic, fmt=cache.fmt, d_v=head_dim_v, brk=_break,
+      has_extra=has_extra, s_q=s_q,
       n_main_rows=cache.num_tokens, n_extra_rows=extra_cache.num_tokens if has_extra else 0)
   out, lse = plgpu.kernel(
       kernel,
