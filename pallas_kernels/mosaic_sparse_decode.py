@@ -15,17 +15,22 @@ Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Tr
         K tile in swizzled shared memory, zeroing invalid tokens, and signals "ready";
       - warpgroup 0, the consumer: keeps its 64 query heads resident in shared memory (one
         TMA at the start), and per K tile runs ``S = Q K^T`` (one wgmma, K = d_qk), the
-        online softmax in fp32 registers, and ``O += P V`` (one wgmma, N = d_v = 512, the
+        online softmax in fp32 registers, and ``O += P V`` (two wgmmas of N = 256, the
         value being the first 512 columns of the same bf16 tile: one load serves both).
     The dequantised cache never exists in HBM: each tile lives in shared memory only.
-  * Pipeline: 2 raw (FP8) stages and 2 bf16 stages; the producer issues the gathers of tile
-    c+1 before dequantising tile c, and waits on a "consumed" barrier before overwriting a
-    bf16 stage.  Main-cache tiles then extra-cache tiles form one chunk list.
-  * Tile: BLOCK_K = 32 tokens, 64 heads.  wgmma shapes: QK^T m64 n32 k576 (v32) / k512
-    (model1); PV m64 n512 k32.
+  * Pipeline: one raw (FP8) stage and one bf16 stage: the producer issues the gathers of
+    tile c+1 as soon as tile c is dequantised, so they are in flight while the consumer
+    runs tile c's two wgmmas; it waits on a "consumed" barrier before dequantising into
+    the bf16 stage again.  Main-cache tiles then extra-cache tiles form one chunk list.
+    (Two stages of each do not fit in 227 KB at BLOCK_K = 64 with Q resident; see below.)
+  * Tile: BLOCK_K = 64 tokens, 64 heads.  wgmma shapes: QK^T m64 n64 k576 (v32) / k512
+    (model1); P V m64 n256 k64, twice (wgmma's N is at most 256, so the 512 value columns
+    are two fp32 accumulators of 64 x 256).  K = 64 for P V is Mosaic GPU's minimum for
+    bf16 (which is why the tile is 64 tokens, as FlashMLA's).  P is staged through shared
+    memory (8 KB): interpret mode simulates only shared-memory wgmma operands.
   * h_q = 128 runs as two CTAs of 64 heads that are neighbours in the grid (the head-block
     axis is the fastest), so the second one's gathers of the same tokens hit L2; a single
-    CTA holding 128 heads of a 576-dim query (147 KB) plus its K stages does not fit in
+    CTA holding 128 heads of a 576-dim query (147 KB) plus its K stage does not fit in
     227 KB.
 
 Per-token gather: what Mosaic GPU offers on Hopper, and why this choice.  Hopper has no TMA
@@ -47,10 +52,10 @@ multiple of 128 bytes, which shapes the gathers:
   model1 ~584 + 112 = 696.  (Fix for later: a cache layout with each token's scales beside
   its RoPE, as one 128 B-multiple row.)
 
-Shared memory per CTA (BLOCK_K = 32, 2 + 2 stages):
-  v32:    Q 64x576x2 = 73.7 KB; bf16 K 2 x 32x576x2 = 73.7 KB; raw 2 x 32 x (512 + 128 + 128)
-          = 49.2 KB; index/bias/sink/lse < 1 KB  ->  ~197 KB  (<= 227 KB)
-  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 2 x 32 x (512 + 128 + 128) = 49.2 KB -> ~181 KB
+Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``):
+  v32:    Q 64x576x2 = 73.7 KB; bf16 K 64x576x2 = 73.7 KB; raw 64 x (512 + 128 + 128)
+          = 49.2 KB; P 8 KB; index/bias/sink/lse 1 KB  ->  ~206 KB  (<= 227 KB)
+  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; P 8 KB; 1 KB  ->  ~189 KB
   The output reuses Q's buffer (Q is dead after the last QK^T).
 
 Expected fraction of roofline (unmeasured: no GPU was lent; arithmetic, H200 = 4.3 TB/s
@@ -58,12 +63,21 @@ copy, ~790 TFLOP/s bf16).  FlashMLA's V32 shape (b 128, s_q 2, h 128, top-k 2048
 2 x 128 x 2 x 128 x 2048 x (576 + 512) = 292 GFLOP; bytes = 256 rows x 2048 x 752 B x 2 head
 blocks (the second from L2, so ~1x from DRAM) = 394 MB -> 92 us at 4.3 TB/s, vs 370 us of
 tensor-core time at 790 TFLOP/s: compute-bound, so the bound is the wgmma rate.  This
-design serialises dequant (producer) against wgmma (consumer) only through 2-deep stages,
-with one consumer warpgroup per CTA (FlashMLA uses two, splitting the value columns) and a
-per-token TMA issue loop of 32 x 3-4 copies per tile; we expect 35-50 % of the bf16 peak,
-~280-400 TFLOP/s on H200, against the issue's 330 TFLOP/s target — to be measured.  At
-small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV
-here yet (see ``run``), so expect far less there.
+design overlaps the gathers with compute but serialises dequant (producer) against the
+wgmmas (consumer) through a single bf16 stage, runs one consumer warpgroup per CTA
+(FlashMLA uses two, splitting the value columns) and issues 64 x 3-4 TMA copies per tile
+from one warpgroup; we expect 25-40 % of the bf16 peak, ~200-320 TFLOP/s on H200, against
+the issue's 330 TFLOP/s target — unmeasured.  At small batch the grid (b x s_q x h_q/64
+CTAs) under-fills 132 SMs and there is no split-KV here yet, so expect far less there.
+
+Status of the CUDA lowering (checked with ``jax.export(..., platforms=["cuda"])``, no GPU):
+the TMA gathers, barriers, the consumer's wgmmas and online softmax lower; the producer's
+dequantisation (register loads from the row-major raw stages) does not yet get through
+Mosaic GPU's layout inference on jax 0.11.2 ("Failed to infer a possible set of layouts"
+with explicit WGMMA layouts; an unbounded search without the explicit row-major tiling of
+the raw stages).  So today this kernel runs in GPU interpret mode only; the next step is a
+dequant that loads each raw stage in a layout Mosaic GPU can transfer (e.g. the 8-bit
+wgmma layout) or fp8 wgmma with the scales applied to the logits and to P.
 
 Tested on CPU in GPU interpret mode (``plgpu.InterpretGPUParams``), which simulates shared
 memory, TMA, mbarriers, wgmma and warpgroup races.  Letter key: R query rows (b * s_q), N
@@ -82,10 +96,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.fp8_cache import D_ROPE, require
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
-BLOCK_K = 32            # tokens per tile
-RAW_STAGES = 2
-K_STAGES = 2
+BLOCK_K = 64            # tokens per tile (wgmma K of P V must be a multiple of 64)
+RAW_STAGES = 1
+K_STAGES = 1
 SMEM_LIMIT = 227 * 1024
+V_CHUNK = 256          # wgmma N <= 256: the 512 value columns are two accumulators
 _WINDOW = 128           # bytes per TMA scale window (Mosaic GPU's TMA granularity)
 
 
@@ -107,12 +122,15 @@ def smem_bytes(fmt: str, d_v: int) -> int:
   q = BLOCK_H * d * 2
   k = K_STAGES * BLOCK_K * d * 2
   raw = RAW_STAGES * BLOCK_K * (512 + 2 * D_ROPE + _WINDOW)
-  small = BLOCK_H * BLOCK_K * 2 + RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 2 * BLOCK_H * 4
-  return q + k + raw + small
+  p = BLOCK_H * BLOCK_K * 2
+  small = RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 2 * BLOCK_H * 4
+  return q + k + raw + p + small
 
 
-def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref, sc_ref, *rest,
-            fmt, d_v, has_extra, s_q, n_main_rows, n_extra_rows, brk=None):
+def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref,
+                             sc_ref, *rest, fmt, d_v, has_extra, s_q, n_main_rows,
+                             n_extra_rows, brk=None):
+  """Kernel body: one CTA = one query row x one 64-head block (see the module notes)."""
   if has_extra:
     elens_ref, eidx_ref, enope_ref, erope_ref, esc_ref, o_ref, lse_ref = rest
   else:
@@ -149,8 +167,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         plgpu.copy_gmem_to_smem(cache_rope.at[pl.ds(row, 1)], rope_raw.at[rs, pl.ds(x, 1)],
                                 raw_bar.at[rs])
         n_win = sc_raw.shape[-1]
-        plgpu.copy_gmem_to_smem(cache_sc.at[pl.ds(row * n_sc, n_win)], sc_raw.at[rs, x],
-                                raw_bar.at[rs])
+        plgpu.copy_gmem_to_smem(cache_sc.at[:, pl.ds(row * n_sc, n_win)],
+                                sc_raw.at[rs, pl.ds(x, 1)], raw_bar.at[rs])
 
     def issue(c):
       rs = c % RAW_STAGES
@@ -170,30 +188,43 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       cc = jnp.where(is_main, c, c - n_main)
       clen = jnp.where(is_main, length, elength) if has_extra else length
       rows = jnp.where(is_main, n_main_rows, n_extra_rows) if has_extra else n_main_rows
-      idx_K = idx_smem[rs]
-      pos_K = cc * BLOCK_K + lax.broadcasted_iota(jnp.int32, (BLOCK_K,), 0)
+      tile_l, row_l = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+      idx_K = plgpu.load(idx_smem.at[rs], layout=row_l)
+      pos_K = cc * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=row_l)
       valid_K = (idx_K >= 0) & (idx_K < rows) & (pos_K < clen)
       if brk == "drop_key":
-        valid_K = valid_K & (pos_K % BLOCK_K != 0)
-      valid_KW = lax.broadcast_in_dim(valid_K, (BLOCK_K, width), [0])
-      win = sc_raw[rs]
-      col = lax.broadcasted_iota(jnp.int32, win.shape, 1)
+        valid_K = valid_K & (pos_K % BLOCK_K != 1)
+      # Explicit layouts throughout (Mosaic GPU's layout search does not finish otherwise):
+      # [64, w] tiles in the wgmma register layout, per-token vectors in its row layout.
+      T = lambda x: plgpu.layout_cast(x, tile_l)
+      R = lambda x: plgpu.layout_cast(x, row_l)
+      valid_K = R(valid_K)
+      win = plgpu.load(sc_raw.at[rs], layout=tile_l)
+      win = T(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
+      col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=tile_l)
+      raw = plgpu.load(nope_raw.at[rs], layout=tile_l)
       for t in range(d_nope // width):
-        codes = nope_raw[rs, :, pl.ds(_nope_smem_col(fmt, t, width), width)].astype(jnp.float32)
+        c0 = _nope_smem_col(fmt, t, width)
+        codes = T(T(raw[:, c0:c0 + width]).astype(jnp.float32))
+        picked = T(jnp.where(col == t, win, jnp.zeros_like(win)))
         if fmt == "v32":
-          s_K = jnp.sum(jnp.where(col == t, win, 0.0), axis=1)
+          s_K = R(jnp.sum(picked, axis=1))
         else:
-          e_K = jnp.sum(jnp.where(col == t, win.astype(jnp.int32), 0), axis=1)
-          s_K = lax.bitcast_convert_type(e_K << 23, jnp.float32)
-          s_K = jnp.where(e_K == 255, jnp.float32(jnp.nan), s_K)
+          e_K = R(jnp.sum(picked, axis=1))
+          s_K = R(lax.bitcast_convert_type(e_K << 23, jnp.float32))
+          s_K = R(jnp.where(e_K == 255, jnp.full_like(s_K, jnp.nan), s_K))
         # Exact: e4m3 codes and power-of-two scales (v32 bf16(fp32(q)*s); model1
         # bf16(bf16(q)*bf16(s)) gives the same bits since both factors are exact in bf16).
-        k_KW = (codes * lax.broadcast_in_dim(s_K, (BLOCK_K, width), [0])).astype(jnp.bfloat16)
-        kbf[ks, :, pl.ds(t * width, width)] = jnp.where(valid_KW, k_KW, jnp.bfloat16(0))
-      rope = rope_raw[rs]
-      kbf[ks, :, pl.ds(d_nope, D_ROPE)] = jnp.where(
-          lax.broadcast_in_dim(valid_K, (BLOCK_K, D_ROPE), [0]), rope, jnp.bfloat16(0))
-      bias_smem[ks] = jnp.where(valid_K, 0.0, -jnp.inf).astype(jnp.float32)
+        # Invalid tokens are zeroed with a select: their bytes (even NaN) never reach a dot.
+        k_KW = T(codes * T(lax.broadcast_in_dim(s_K, codes.shape, [0])))
+        k_KW = T(jnp.where(T(lax.broadcast_in_dim(valid_K, codes.shape, [0])), k_KW,
+                           jnp.zeros_like(k_KW)))
+        kbf[ks, :, pl.ds(t * width, width)] = T(k_KW.astype(jnp.bfloat16))
+      rope = T(plgpu.load(rope_raw.at[rs], layout=tile_l))
+      kbf[ks, :, pl.ds(d_nope, D_ROPE)] = T(jnp.where(
+          T(lax.broadcast_in_dim(valid_K, rope.shape, [0])), rope, jnp.zeros_like(rope)))
+      bias_smem[ks] = R(jnp.where(valid_K, jnp.zeros(valid_K.shape, jnp.float32),
+                                  jnp.full(valid_K.shape, -jnp.inf, jnp.float32)))
 
     @pl.when(wg == 1)
     def _producer():
@@ -203,9 +234,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
 
       @pl.loop(0, n_total)
       def _tile(c):
-        @pl.when(c + 1 < n_total)
-        def _():
-          issue(c + 1)
+        if RAW_STAGES > 1:             # gathers of tile c+1 in flight during dequant(c)
+          pl.when(c + 1 < n_total)(lambda: issue(c + 1))
         plgpu.barrier_wait(raw_bar.at[c % RAW_STAGES])
 
         @pl.when(c >= K_STAGES)
@@ -214,6 +244,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         dequant(c)
         plgpu.commit_smem()            # generic-proxy stores -> visible to wgmma
         plgpu.barrier_arrive(ready.at[c % K_STAGES])
+        if RAW_STAGES == 1:            # gathers of tile c+1 in flight during the consumer's c
+          pl.when(c + 1 < n_total)(lambda: issue(c + 1))
 
       # Observe the last "consumed" phases, so the barriers end balanced (and the CTA does
       # not retire while the consumer still reads a stage).
@@ -239,14 +271,14 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
           plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
           return acc_ref[...]
         s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
-        bias_K = bias_smem[ks]
+        bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
         s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
         m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # nothing seen yet: no inf - inf
         alpha = jnp.exp(m_N - m_safe)
         p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
         l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
 
         # P V into a fresh accumulator, then added: ``pl.run_state(...)(ACC.init(acc))``
         # (in-place accumulation, one register add fewer) is not simulated by interpret mode.
@@ -254,25 +286,32 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         # interpret mode simulates only shared-memory operands; 4 KB).
         p_smem[...] = p_NK.astype(jnp.bfloat16)
         plgpu.commit_smem()
+        p_op = p_smem
 
-        def pv(pv_ref):
-          plgpu.wgmma(pv_ref, p_smem, kbf.at[ks, :, pl.ds(0, d_v)])
+        def pv(v, pv_ref):
+          plgpu.wgmma(pv_ref, p_op, kbf.at[ks, :, pl.ds(v * V_CHUNK, V_CHUNK)])
           return pv_ref[...]
-        acc = acc + pl.run_scoped(pv, plgpu.ACC((BLOCK_H, d_v), jnp.float32))
+        acc = tuple(a + pl.run_scoped(functools.partial(pv, v),
+                                      plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
+                    for v, a in enumerate(acc))
         plgpu.barrier_arrive(consumed.at[ks])
         return acc, m_new, l_N
 
-      init = (jnp.zeros((BLOCK_H, d_v), jnp.float32),
-              jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), jnp.zeros((BLOCK_H,), jnp.float32))
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      init = (tuple(plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32),
+                                      plgpu.Layout.WGMMA) for _ in range(d_v // V_CHUNK)),
+              plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
+              plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), row_layout))
       acc, m_N, l_N = lax.fori_loop(0, n_total, step, init)
 
       live = l_N > 0
       l_safe = jnp.where(live, l_N, 1.0)
       lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
-      sink = vec_smem[0]
+      sink = plgpu.load(vec_smem.at[0], layout=row_layout)
       factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
-      out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
-      q_smem[:, pl.ds(0, d_v)] = out.astype(jnp.bfloat16)
+      for v, a in enumerate(acc):
+        out = a * lax.broadcast_in_dim(factor, a.shape, [0])
+        q_smem[:, pl.ds(v * V_CHUNK, V_CHUNK)] = out.astype(jnp.bfloat16)
       vec_smem[1] = jnp.where(live, lse, jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(0, d_v)],
@@ -286,12 +325,16 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_H, d), jnp.bfloat16, transforms=swz),
-      plgpu.SMEM((BLOCK_H, BLOCK_K), jnp.bfloat16,
-                 transforms=(plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(2 * BLOCK_K))),
+      plgpu.SMEM((BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),
       plgpu.SMEM((K_STAGES, BLOCK_K, d), jnp.bfloat16, transforms=swz),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, 512), jnp.float8_e4m3fn),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, D_ROPE), jnp.bfloat16),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype),
+      # Raw stages are plain row-major (a (1, row) tiling says so explicitly): each token
+      # row is written by its own TMA copy, which a multi-row tiling would not allow.
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, 512), jnp.float8_e4m3fn,
+                 transforms=(plgpu.TilingTransform((1, 512)),)),
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, D_ROPE), jnp.bfloat16,
+                 transforms=(plgpu.TilingTransform((1, D_ROPE)),)),
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype,
+                 transforms=(plgpu.TilingTransform((1, win)),)),
       plgpu.SMEM((RAW_STAGES, BLOCK_K), jnp.int32),
       plgpu.SMEM((K_STAGES, BLOCK_K), jnp.float32),
       plgpu.SMEM((2, BLOCK_H), jnp.float32),
@@ -305,7 +348,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
 def _flat(cache):
   rows = cache.num_tokens
   return (cache.nope.reshape(rows, -1), cache.rope.reshape(rows, D_ROPE),
-          cache.scales.reshape(-1))
+          cache.scales.reshape(1, -1))
 
 
 def _pad_topk(idx_BTX, rows: int):
@@ -351,7 +394,7 @@ def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=No
   """The Mosaic GPU kernel on validated arguments (``sparse_decode_mla_mosaic``).
 
   ``interpret``: None = real kernel; an ``InterpretGPUParams`` = GPU interpret mode (CPU).
-  ``_break`` (tests only): "drop_key" drops each tile's first key, "no_barrier" removes the
+  ``_break`` (tests only): "drop_key" drops each tile's second key, "no_barrier" removes the
   consumer's wait on the producer's "ready" barrier; the tests check that both fail.
   Returns out bf16 ``[b, s_q, h_q, d_v]`` and lse ``[b, h_q, s_q]``.
   """
