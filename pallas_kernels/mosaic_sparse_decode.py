@@ -117,6 +117,11 @@ def _nope_smem_col(fmt: str, t: int, width: int) -> int:
   return col if (fmt == "v32" or col < 256) else col + 64
 
 
+def _stage(c, n: int):
+  """Pipeline slot of tile c; a static 0 with one stage (static shared-memory views)."""
+  return 0 if n == 1 else c % n
+
+
 def smem_bytes(fmt: str, d_v: int) -> int:
   d, *_ = geometry(fmt)
   q = BLOCK_H * d * 2
@@ -171,7 +176,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
                                 sc_raw.at[rs, pl.ds(x, 1)], raw_bar.at[rs])
 
     def issue(c):
-      rs = c % RAW_STAGES
+      rs = _stage(c, RAW_STAGES)
       main = functools.partial(gather, c, rs, idx_ref, nope_ref, rope_ref, sc_ref, c, length,
                                n_main_rows)
       if not has_extra:
@@ -183,7 +188,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
           n_extra_rows))
 
     def dequant(c):
-      rs, ks = c % RAW_STAGES, c % K_STAGES
+      rs, ks = _stage(c, RAW_STAGES), _stage(c, K_STAGES)
       is_main = c < n_main
       cc = jnp.where(is_main, c, c - n_main)
       clen = jnp.where(is_main, length, elength) if has_extra else length
@@ -236,14 +241,14 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       def _tile(c):
         if RAW_STAGES > 1:             # gathers of tile c+1 in flight during dequant(c)
           pl.when(c + 1 < n_total)(lambda: issue(c + 1))
-        plgpu.barrier_wait(raw_bar.at[c % RAW_STAGES])
+        plgpu.barrier_wait(raw_bar.at[_stage(c, RAW_STAGES)])
 
         @pl.when(c >= K_STAGES)
         def _():
-          plgpu.barrier_wait(consumed.at[c % K_STAGES])
+          plgpu.barrier_wait(consumed.at[_stage(c, K_STAGES)])
         dequant(c)
         plgpu.commit_smem()            # generic-proxy stores -> visible to wgmma
-        plgpu.barrier_arrive(ready.at[c % K_STAGES])
+        plgpu.barrier_arrive(ready.at[_stage(c, K_STAGES)])
         if RAW_STAGES == 1:            # gathers of tile c+1 in flight during the consumer's c
           pl.when(c + 1 < n_total)(lambda: issue(c + 1))
 
@@ -251,7 +256,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       # not retire while the consumer still reads a stage).
       @pl.loop(jnp.maximum(n_total - K_STAGES, 0), n_total)
       def _drain(c):
-        plgpu.barrier_wait(consumed.at[c % K_STAGES])
+        plgpu.barrier_wait(consumed.at[_stage(c, K_STAGES)])
 
     # ------------------------------------------------------------------ consumer
     @pl.when(wg == 0)
@@ -263,7 +268,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
 
       def step(c, carry):
         acc, m_N, l_N = carry
-        ks = c % K_STAGES
+        ks = _stage(c, K_STAGES)
         if brk != "no_barrier":
           plgpu.barrier_wait(ready.at[ks])
 
