@@ -46,7 +46,7 @@ from pallas_kernels import _tiles, cache_view, combine, softmax
 from pallas_kernels.fp8_cache import bytes_per_token, host_value, require
 from pallas_kernels.tuning import KernelTuning, SparseDecodeTuning, check_tuning, choose_num_splits  # noqa: F401
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "mosaic")
 
 
 def _check_lengths(name: str, x, batch: int, topk: int) -> jax.Array | None:
@@ -340,6 +340,9 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
       q, k_cache, indices, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
       attn_sink=attn_sink, topk_length=topk_length, extra_k_cache=extra_k_cache,
       extra_indices_in_kvcache=extra_indices_in_kvcache, extra_topk_length=extra_topk_length)
+  if impl == "mosaic":                 # Hopper Pallas Mosaic GPU kernel: mosaic_sparse_decode.py
+    from pallas_kernels import mosaic_sparse_decode
+    return mosaic_sparse_decode.sparse_decode(args, head_dim_v, interpret)
   if impl == "pallas":
     _tiles.key_layout(cache_view.info(args["cache"]).fmt, q.shape[-1], head_dim_v)  # ValueError if untileable
     return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),
