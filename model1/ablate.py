@@ -241,7 +241,8 @@ def _shared_dataset(run):
   attribute ``trainer.run`` looks up, and restores it afterwards."""
   from model1 import trainer
   orig = trainer.load_dataset
-  trainer.load_dataset = lambda cfg: _dataset(cfg)
+  trainer.load_dataset = lambda cfg, tokenizer_file=None: (
+      _dataset(cfg) if tokenizer_file is None else orig(cfg, tokenizer_file))
   try:
     yield
   finally:
