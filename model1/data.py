@@ -240,10 +240,13 @@ class Dataset:
     cache = Path(cache_dir or default_cache_dir())
     if tokenizer_file is not None:  # a run's own tokenizer (checkpoint.save_run_tokenizer)
       self.tokenizer = tokenizer_from_file(tokenizer_file)
-      key = "tok" + hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()[:12]
     else:
       self.tokenizer = load_tokenizer(self.manifest, tokenizer, vocab_size, cache)
-      key = f"{tokenizer}-{vocab_size}"
+    # the token cache is keyed by the tokenizer's content, so a run's saved copy of the
+    # cached tokenizer shares its tokens
+    tok = getattr(self.tokenizer, "tok", None)
+    key = "byte" if tok is None else "bpe" + hashlib.sha256(
+        tok.to_str().encode()).hexdigest()[:12]
     self.vocab_size = self.tokenizer.get_vocab_size()
     docs = self._tokenize(cache, key)
     if not sum(len(d) for d in docs):

@@ -287,10 +287,6 @@ def _run_locked(cfg, workdir, model_cfg, t, mesh, log, t0) -> dict:
   if cfg.data.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"data.seq_len={cfg.data.seq_len}; expected at most model.max_seq_len="
                      f"{model_cfg.max_seq_len}")
-  mapping = engram_mapping(model_cfg, ds)
-  model, opt = build_model_and_optimizer(model_cfg, t, mesh, cfg.seed)
-  host_tables = steps.has_host_tables(model)
-  lr_fn = optim.lr_schedule(optim_config(t))
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   rng = jax.random.key(cfg.seed)
   try:
@@ -298,6 +294,10 @@ def _run_locked(cfg, workdir, model_cfg, t, mesh, log, t0) -> dict:
     if latest is not None and latest > t.steps:
       raise ValueError(f"train.steps={t.steps} but {workdir} holds a checkpoint at step "
                        f"{latest}; expected train.steps >= {latest} (or a fresh --workdir)")
+    mapping = engram_mapping(model_cfg, ds)
+    model, opt = build_model_and_optimizer(model_cfg, t, mesh, cfg.seed)
+    host_tables = steps.has_host_tables(model)
+    lr_fn = optim.lr_schedule(optim_config(t))
     start, restored = checkpoint.restore_newest_readable(ckpt, model, opt,
                                                          cfg.model.to_dict(), mesh, log=log)
     if start is not None:

@@ -40,6 +40,34 @@ def shrink(cfg, seq_len=32, batch_size=4, n_layers=2):
   return cfg
 
 
+def tiny_model_config(geometry: str = "model1", *, v4: bool = False, vocab_size: int = 97,
+                      d_model: int = 64, n_layers: int = 2, ffn_hidden: int = 128, **attn):
+  """The one tiny ModelConfig of the unit tests: exact head geometry (512 or 576), small
+  width, dense attention. Plain pre-norm blocks (no mHC, MoE or MTP) unless ``v4=True``
+  keeps the preset's V4 block (mHC 4 streams, MoE with a hash layer, MTP 1): only tests
+  of those parts pay for their compile time. ``attn`` overrides attention fields."""
+  import dataclasses
+
+  from model1 import config
+  cfg = config.preset("tiny", geometry, sparse="dense")
+  a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32, **attn)
+  cfg = dataclasses.replace(cfg, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                            attention=a, ffn=config.FFNConfig(ffn_hidden))
+  if not v4:
+    cfg = dataclasses.replace(cfg, mhc=config.MHCConfig(hc_mult=1), use_moe=False,
+                              mtp=config.MTPConfig(0))
+  return cfg.validate()
+
+
+def tiny_run_config(n_layers: int = 1, seq_len: int = 32, batch_size: int = 4):
+  """configs/tiny.py shrunk to a plain 1-layer dense model: for tests of the machinery
+  around the model (checkpoints, resume, run directory), not of the model."""
+  cfg = plain(shrink(load_config(ROOT / "configs" / "tiny.py"), seq_len, batch_size))
+  cfg.model.n_layers = n_layers
+  cfg.mesh.num_devices = 1
+  return cfg
+
+
 def plain(cfg):
   """Dense attention in a plain block (no mHC, MoE or MTP): for tests of the machinery
   around the model, where the V4 parts only add compile time."""

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -34,34 +35,76 @@ def test_tiny_config_loss_falls_on_real_corpus(tmp_path, tiny_cfg):
   assert prov["corpus_manifest_hash"] and prov["packages"]["jax"] and "git_commit" in prov
 
 
-def _train_cli(workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(ROOT))
+def _train_cmd(workdir, *flags):
   # V3.2 heads in a plain block (dense attention and FFN): the resume path is under test
-  cmd = [sys.executable, str(ROOT / "train.py"), "--config=" + str(ROOT / "configs/tiny_v32.py"),
-         "--config.model.use_moe=False", "--config.model.mtp.n_layers=0",
-         f"--workdir={workdir}", "--config.data.seq_len=32", "--config.data.batch_size=4",
-         "--config.model.n_layers=1", "--config.train.log_every=1",
-         "--config.train.eval_every=0", "--config.train.progress=False",
-         "--config.train.warmup_steps=2", "--config.train.ckpt_every=2", *flags]
-  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert r.returncode == 0, r.stderr[-3000:]
+  return [sys.executable, str(ROOT / "train.py"), "--config=" + str(ROOT / "configs/tiny_v32.py"),
+          "--config.model.use_moe=False", "--config.model.mtp.n_layers=0",
+          f"--workdir={workdir}", "--config.data.seq_len=32", "--config.data.batch_size=4",
+          "--config.model.n_layers=1", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.progress=False",
+          "--config.train.warmup_steps=2", "--config.train.ckpt_every=2",
+          "--config.train.keep_checkpoints=5", *flags]
+
+
+_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            PYTHONPATH=str(ROOT))
+N = 3  # the runs train 2 * N steps
+
+
+def _train_cli(workdir, *flags, code=0):
+  r = subprocess.run(_train_cmd(workdir, f"--config.train.steps={2 * N}", *flags), env=_ENV,
+                     capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == code, r.stderr[-3000:]
   return r
 
 
-def test_sigterm_preempt_and_resume_is_bit_identical(tmp_path):
-  n = 3
-  _train_cli(tmp_path / "straight", f"--config.train.steps={2 * n}")
-  r = _train_cli(tmp_path / "pre", f"--config.train.steps={2 * n}",
-                 f"--config.train.preempt_at_step={n}")
-  assert "checkpoint saved at step 3" in r.stdout
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted reference run."""
+  wd = tmp_path_factory.mktemp("straight")
+  _train_cli(wd)
+  return _losses(wd)
+
+
+def _hex(run):
+  return run[0], [float.hex(x) for x in run[1]]
+
+
+def test_sigterm_preempt_and_resume_is_bit_identical(tmp_path, straight):
+  r = _train_cli(tmp_path / "pre", f"--config.train.preempt_at_step={N}", code=75)
+  assert "checkpoint saved at step 3" in r.stdout and "rerun the same command" in r.stdout
   steps_a, _ = _losses(tmp_path / "pre")
-  assert steps_a == list(range(1, n + 1))
-  _train_cli(tmp_path / "pre", f"--config.train.steps={2 * n}")  # fresh process resumes
-  s1, l1 = _losses(tmp_path / "straight")
-  s2, l2 = _losses(tmp_path / "pre")
-  assert s1 == s2 == list(range(1, 2 * n + 1))
-  assert [float.hex(x) for x in l1] == [float.hex(x) for x in l2]
+  assert steps_a == list(range(1, N + 1))
+  r = _train_cli(tmp_path / "pre")  # fresh process resumes
+  assert "resuming at step 3" in r.stdout and "done: step 6" in r.stdout
+  assert _hex(straight) == _hex(_losses(tmp_path / "pre"))
+  assert straight[0] == list(range(1, 2 * N + 1))
+
+
+def test_kill_9_with_corrupt_latest_checkpoint_resumes_bit_identically(tmp_path, straight):
+  wd = tmp_path / "killed"
+  kill_after = int(np.random.default_rng().integers(4, 2 * N))  # a random step in [4, 6)
+  p = subprocess.Popen(_train_cmd(wd, f"--config.train.steps={2 * N}"), env=_ENV, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = wd / "metrics.jsonl"
+  deadline = time.monotonic() + 300
+  while p.poll() is None and time.monotonic() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+      break
+    time.sleep(0.05)
+  p.kill()  # SIGKILL: no handler runs, the lock file stays behind
+  if p.wait() == -9:
+    assert (wd / "run.lock").exists()  # no handler ran: the resume must take it over
+  ckpts = sorted(int(d.name) for d in (wd / "checkpoints").iterdir() if d.name.isdigit())
+  assert ckpts and ckpts[-1] >= 2, ckpts
+  latest = ckpts[-1]
+  for f in (wd / "checkpoints" / str(latest) / "state").rglob("d/*"):
+    f.write_bytes(b"\0torn")  # the newest checkpoint is unreadable
+  r = _train_cli(wd)
+  assert f"checkpoint step {latest}" in r.stdout and "unreadable" in r.stdout, r.stdout
+  good = max([s for s in ckpts if s < latest], default=0)
+  assert (f"resuming at step {good}" if good else "fresh start") in r.stdout, r.stdout
+  assert _hex(straight) == _hex(_losses(wd))
 
 
 def _mesh(d, f, t):
