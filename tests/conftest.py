@@ -7,6 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("MODEL1_CACHE", str(Path.home() / ".cache" / "model1"))
+# notebooks and long research checks read MODEL1_FAST=1: the same cells and code paths at
+# smaller shapes (the suite runs in <= 12 minutes on 2 CPU cores)
+os.environ.setdefault("MODEL1_FAST", "1")
 sys.path.insert(0, str(ROOT))
 
 import importlib.util  # noqa: E402

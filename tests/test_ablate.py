@@ -92,7 +92,12 @@ def test_heads_tiny_end_to_end(runs):
       assert s[k]["mean"] > 0, (v["name"], k)
     acc = {(a["task"], a["length"]): a for a in s["retrieval"]}
     assert set(acc) == {(t, L) for t in ("passkey", "mqar") for L in (32, 64, 128)}
-    assert all(0 <= a["accuracy"] <= 1 for a in acc.values())
+    for (task, L), a in acc.items():
+      # one seed: the accuracy is a count of hits over n scored answers (32 passkey examples
+      # at --tiny; one per MQAR query), and the chance bound sits between chance and 1
+      hits = a["accuracy"] * a["n"]
+      assert a["n"] >= 32 and abs(hits - round(hits)) < 1e-6, (task, L, a)
+      assert 0 < a["chance"] < a["chance_upper"] < 1, a
   by = {v["name"]: v["summary"] for v in res["variants"]}
   # FlashMLA FP8 bytes per token and layer: 584 (MODEL1) vs 656 (V32); 2 layers at --tiny
   assert by["model1_512"]["kv_bytes_per_token_fp8"]["mean"] == 2 * 584
@@ -119,12 +124,11 @@ def test_smoke_suites_have_a_row_per_variant(runs):
   for geo, fp8_bytes in (("model1", 584), ("v32", 656)):  # 1 layer at --smoke
     bf, f8 = kv[f"{geo}_bf16"], kv[f"{geo}_fp8"]
     assert bf["seeds"][0]["run_dir"] == f8["seeds"][0]["run_dir"]  # trained once
-    assert bf["summary"]["top1_agreement_vs_bf16"]["mean"] == 1.0  # same cache, same path
-    assert bf["summary"]["kl_vs_bf16"]["mean"] == 0.0
     assert f8["summary"]["kv_bytes_per_token_fp8"]["mean"] == fp8_bytes
     # FP8 e4m3 keeps ~2^-4 relative error on the NoPE dims: next-token distributions
-    # barely move (measured KL ~3e-4 nats on a 3-step model)
-    assert f8["summary"]["kl_vs_bf16"]["mean"] < 1e-2
+    # barely move (measured KL ~3e-4 nats on a 3-step model), but they do move: a KL of
+    # exactly 0 would mean the FP8 variant decoded through the bf16 cache
+    assert 0 < f8["summary"]["kl_vs_bf16"]["mean"] < 1e-2
   # runs are keyed by config: the shared plain baseline trained once across suites
   runs_dir = runs.base / "runs_smoke"
   dirs = {r["run_dir"] for s in SMOKE_SUITES for v in _result(runs.base / "smoke" / s)["variants"]

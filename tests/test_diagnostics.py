@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from matplotlib.figure import Figure
 
 from model1 import config, diagnostics
 from model1.model import Transformer
@@ -89,4 +90,5 @@ def test_engram_gates_and_expert_load():
   assert load["load"].shape == (2, 4) and load["imbalance"] == pytest.approx(2.0)
   for fig in (diagnostics.plot_engram_gates(alpha), diagnostics.plot_expert_load({"l": load}),
               diagnostics.plot_attention(np.eye(4))):
-    assert fig is not None
+    # a Figure with something drawn on it (an empty or missing plot fails)
+    assert isinstance(fig, Figure) and any(ax.has_data() for ax in fig.axes), fig

@@ -155,7 +155,7 @@ def test_sparse_stage_gradients_are_isolated(attn, layer_id):
   norms = lambda g, want: [float(jnp.abs(v).max()) for p, v in jax.tree.leaves_with_path(g)
                            if is_indexer_param(p) == want]
   assert max(norms(lm_g, True)) == 0.0          # LM loss: top-k indices carry no gradient
-  assert min(norms(lm_g, False)) >= 0.0 and max(norms(lm_g, False)) > 0.0
+  assert min(norms(lm_g, False)) > 0.0          # ... and every other parameter does
   assert max(norms(kl_g, False)) == 0.0         # KL: target and indexer input detached
   assert float(jnp.abs(kl_gx).max()) == 0.0
   assert max(norms(kl_g, True)) > 0.0

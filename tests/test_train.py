@@ -14,6 +14,7 @@ from flax import nnx
 
 from conftest import ROOT, load_config, plain, shrink
 from model1 import checkpoint, config, sharding, trainer
+from model1.model import Transformer
 
 
 def _losses(workdir):
@@ -139,13 +140,68 @@ def test_checkpoint_restores_on_another_mesh(tmp_path, tiny_cfg):
   ck.close()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
-def test_every_config_trains_two_steps_at_tiny_size(tmp_path, path):
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _tiny_size(path):
+  """A config at tiny size: ``shrink`` plus the widths that only scale the model (vocab,
+  experts, indexer, window, Engram table), so ``small_*`` resolves to its ``tiny_*``."""
   cfg = load_config(path)
   cfg = cfg.base if "base" in cfg else cfg  # ablation suites: their shared base run
   cfg = shrink(cfg)
+  m = cfg.model
+  m.vocab_size = min(m.vocab_size, 4096)
+  m.moe.n_routed_experts = min(m.moe.n_routed_experts, 8)
+  m.moe.moe_inter_dim, m.moe.route_scale = min(m.moe.moe_inter_dim, 128), 1.0
+  a = m.attention
+  a.index_n_heads, a.index_head_dim = min(a.index_n_heads, 4), min(a.index_head_dim, 64)
+  a.window_size, a.index_topk = min(a.window_size, 32), min(a.index_topk, 16)
+  # a ratio past 16 compresses a 32-token row into <= 2 entries: the same code at any ratio
+  a.compress_ratios = tuple(min(r, 16) for r in a.compress_ratios)
+  if m.get("use_engram"):
+    m.engram.engram_vocab_size = tuple(min(v, 2048) for v in m.engram.engram_vocab_size)
+    m.engram.n_embed_per_ngram = min(m.engram.n_embed_per_ngram, 64)
   cfg.train.update(steps=2, log_every=1, eval_every=0, ckpt_every=0)
-  cfg.mesh.num_devices = 1  # every config builds and trains; meshes: test_sharding, below
-  out = trainer.run(cfg, tmp_path)
+  cfg.mesh.num_devices = 1  # every config builds and trains; meshes: test_sharding, above
+  return cfg
+
+
+def _training_key(cfg) -> str:
+  """What a 2-step run depends on (model, data stream, optimizer), not name or schedule."""
+  d = cfg.to_dict()
+  return json.dumps({"model": d["model"], "data": d["data"], "seed": d["seed"],
+                     "opt": [d["train"][k] for k in ("optimizer", "grad_accum")]},
+                    sort_keys=True, default=list)
+
+
+def _groups():
+  groups = {}
+  for p in CONFIGS:
+    groups.setdefault(_training_key(_tiny_size(p)), []).append(p)
+  return list(groups.values())
+
+
+GROUPS = _groups()
+
+
+@pytest.mark.parametrize("paths", GROUPS, ids=lambda ps: "+".join(p.stem for p in ps))
+def test_every_config_trains_two_steps_at_tiny_size(tmp_path, paths):
+  """Configs that resolve to the same tiny run train once; each one of them builds (the
+  full-size model abstractly, no compile) with the parameter count its formula gives."""
+  for p in paths:
+    cfg = load_config(p)
+    cfg = cfg.base if "base" in cfg else cfg
+    mcfg = config.model_config_from_dict(cfg.model)
+    abstract = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert n == config.param_count(mcfg), p.stem
+    trainer.validate_run_config(cfg)
+  out = trainer.run(_tiny_size(paths[0]), tmp_path)
   steps, losses = _losses(tmp_path)
   assert out["step"] == 2 and steps == [1, 2] and np.isfinite(losses).all()
+
+
+def test_config_groups_share_a_run():
+  names = [[p.stem for p in g] for g in GROUPS]
+  assert sum(map(len, names)) == len(CONFIGS)
+  assert ["small_v32", "tiny_v32"] in names and ["small", "tiny_v4"] in names, names
