@@ -1,6 +1,6 @@
 """Data: a real local corpus, a BPE tokenizer trained on it, packed deterministic batches.
 
-Default corpus (DESIGN §6): the Python standard library sources of the running
+Default corpus: the Python standard library sources of the running
 interpreter (``sysconfig`` stdlib path), excluding ``site-packages``/``dist-packages``.
 Users pass their own files or folders instead (``data.paths``). Each file is a document.
 
