@@ -7,8 +7,12 @@ Users pass their own files or folders instead (``data.paths``). Each file is a d
 * ``build_manifest`` lists the files (relative path + sha256); its hash keys every cache.
 * ``load_tokenizer`` trains a byte-level BPE with the ``tokenizers`` package on the
   training files (cached by manifest hash and vocabulary size); ``byte`` is the fallback.
+* ``corpus_files`` refuses missing paths and corpora with no non-empty UTF-8 text
+  (``is_text_file``: no NUL bytes, valid UTF-8 in the first 4 KB, a character cut at the
+  boundary allowed).
 * ``Dataset`` tokenizes every file once (cached), splits train/validation *by file*
-  deterministically (a hash of the path), and packs each split into rows of
+  deterministically (a hash of the path; a one-file corpus holds out its last
+  ``val_percent`` of tokens), and packs each split into rows of
   ``seq_len + 1`` tokens with segment ids (one per document piece) and positions that
   restart at each piece. ``batch(step)`` is a pure function of (seed, step): resuming at
   step s yields exactly the batch the uninterrupted run saw.
