@@ -10,17 +10,15 @@ import pytest
 from flax import nnx
 from matplotlib.figure import Figure
 
+from conftest import tiny_model_config
 from model1 import config, diagnostics
 from model1.model import Transformer
 
 
 def _model(geometry, **attn):
-  m = config.preset("tiny", geometry, sparse="dense")
-  a = dataclasses.replace(m.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32, **attn)
-  m = dataclasses.replace(m, d_model=32, n_layers=2, ffn=config.FFNConfig(64), attention=a,
-                          mhc=dataclasses.replace(m.mhc, hc_mult=1), use_moe=False,
-                          mtp=config.MTPConfig(0), max_seq_len=64)
-  return Transformer(m.validate(), nnx.Rngs(0))
+  cfg = tiny_model_config(geometry, vocab_size=4096, d_model=32, ffn_hidden=64,
+                          max_seq_len=64, **attn)
+  return Transformer(cfg, nnx.Rngs(0))
 
 
 def _inputs(T=24, B=2):
