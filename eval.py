@@ -11,9 +11,9 @@ Loads the latest checkpoint in ``--workdir`` onto the devices this process has (
 them on one fsdp axis, whatever mesh trained it), with the run's own tokenizer
 (``<workdir>/tokenizer.json``). A corpus whose manifest differs from the run's is refused
 unless ``--allow_corpus_change``. The logic lives in ``model1.evals``; this file only
-wires flags. Results are printed (markdown tables) and written per mode: loss, position,
-passkey and mqar results under their mode's key in ``<workdir>/eval.json``, samples to
-``<workdir>/sample.json``. Errors: one ``error:`` line, exit 2 (``--debug`` for the
+wires flags. Results are printed (markdown tables) and written to one file per mode, so
+no mode overwrites another's numbers: ``<workdir>/eval.json`` (loss), ``sample.json``,
+``position.json``, ``passkey.json``, ``mqar.json``. Errors: one ``error:`` line, exit 2 (``--debug`` for the
 traceback).
 """
 import json
@@ -65,13 +65,9 @@ def _ints(flag: str, text: str) -> list[int]:
   return vals
 
 
-def _write_mode(path: Path, mode: str, result: dict) -> None:
-  """One key per mode, so a later mode never erases an earlier mode's numbers."""
-  old = json.loads(path.read_text()) if path.exists() else {}
-  if not isinstance(old, dict) or "mode" in old:  # the old single-result layout
-    old = {}
-  old[mode] = result
-  path.write_text(json.dumps(old, indent=1))
+def _write(workdir: Path, mode: str, result: dict) -> None:
+  name = "eval.json" if mode == "loss" else f"{mode}.json"
+  (workdir / name).write_text(json.dumps(dict(result, mode=mode), indent=1))
 
 
 def main(argv):
@@ -85,8 +81,9 @@ def main(argv):
     raise ValueError(f"--workdir={workdir} does not exist; expected a run directory")
   cfg = FLAGS.config or load_run_config(workdir)
   mcfg = config.model_config_from_dict(cfg.model)
-  if FLAGS.max_new_tokens < 1:
-    raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens}; expected >= 1")
+  if not 1 <= FLAGS.max_new_tokens < mcfg.max_seq_len:  # checked again with the prompt
+    raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens}; expected an int in [1, "
+                     f"model.max_seq_len={mcfg.max_seq_len})")
   if FLAGS.eval_batches < 1 or FLAGS.n_trials < 1:
     raise ValueError(f"--eval_batches={FLAGS.eval_batches}, --n_trials={FLAGS.n_trials}; "
                      f"expected positive ints")
@@ -112,14 +109,14 @@ def main(argv):
     bpt = ds.bytes_per_token()
     res = dict(result, val_loss=loss, perplexity=math.exp(loss),
                bits_per_byte=loss / math.log(2) / bpt, bytes_per_token=bpt)
-    _write_mode(workdir / "eval.json", "loss", res)
+    _write(workdir, "loss", res)
     print(f"step {step}: val_loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
           f"bits/byte {res['bits_per_byte']:.4f}")
   if FLAGS.mode == "position":
     edges = _ints("buckets", FLAGS.buckets) if FLAGS.buckets else None
     with sharding.use_mesh(mesh):
       res = evals.position_loss(model, ds, mapping, FLAGS.eval_batches, edges)
-    _write_mode(workdir / "eval.json", "position", dict(result, position=res))
+    _write(workdir, "position", dict(result, position=res))
     print(f"step {step}: validation loss by position in the document\n"
           + evals.position_markdown(res))
   if FLAGS.mode in ("passkey", "mqar"):
@@ -129,7 +126,7 @@ def main(argv):
     with sharding.use_mesh(mesh):
       rows = evals.long_context_accuracy(model, FLAGS.mode, lengths, FLAGS.n_trials, tv,
                                          mapping)
-    _write_mode(workdir / "eval.json", FLAGS.mode, dict(result, accuracy=rows))
+    _write(workdir, FLAGS.mode, dict(result, accuracy=rows))
     print(f"step {step}: {FLAGS.mode} accuracy\n" + evals.accuracy_markdown(rows))
   if FLAGS.mode in ("all", "sample"):
     ids = ds.tokenizer.encode_batch([FLAGS.prompt])[0]
@@ -141,10 +138,9 @@ def main(argv):
       gen = generate.generate(model, [ids], s, cache_format=FLAGS.cache_format,
                               impl=FLAGS.impl, mapping=mapping)
     text = ds.tokenizer.decode(gen.tokens[0])
-    (workdir / "sample.json").write_text(json.dumps(dict(
-        result, prompt=FLAGS.prompt, sample=FLAGS.prompt + text,
-        temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-        cache_format=FLAGS.cache_format), indent=1))
+    _write(workdir, "sample", dict(result, prompt=FLAGS.prompt, sample=FLAGS.prompt + text,
+                                   temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                                   cache_format=FLAGS.cache_format))
     print("----- sample -----\n" + FLAGS.prompt + text + "\n------------------")
 
 

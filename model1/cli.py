@@ -82,6 +82,9 @@ def run_main(main, define_flags=None) -> None:
       sys.exit(EXIT_BAD_INPUT)
 
   def wrapped(argv):
+    from absl import logging
+    if logging.get_verbosity() <= logging.INFO and not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     try:
       code = main(argv)
     except SystemExit:

@@ -156,12 +156,19 @@ def test_eval_cli_long_context_and_position(runs):
   cmds = {m: subprocess.Popen([sys.executable, "eval.py", f"--workdir={run_dir}", f"--mode={m}",
                                "--lengths=32,256", "--n_trials=16", "--eval_batches=2"],
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for m in ("mqar", "position")}
+                              text=True) for m in ("mqar", "position", "all")}
   outs = {m: p.communicate(timeout=300) for m, p in cmds.items()}
   for m, p in cmds.items():
     assert p.returncode == 0, outs[m][0][-3000:]
   assert "| mqar |" in outs["mqar"][0] and "skipped: length 256 > model.max_seq_len=128" in outs["mqar"][0]
   assert "| [0, 1) |" in outs["position"][0] and "| all |" in outs["position"][0]
+  # one file per mode: no mode overwrites another's numbers
+  run = Path(run_dir)
+  got = {f: json.loads((run / f).read_text()) for f in
+         ("eval.json", "sample.json", "mqar.json", "position.json")}
+  assert got["eval.json"]["mode"] == "loss" and got["eval.json"]["val_loss"] > 0
+  assert got["sample.json"]["sample"].startswith("def main():")
+  assert got["mqar.json"]["accuracy"] and got["position.json"]["position"]
 
 
 def test_resolution_and_matched_params():
