@@ -550,6 +550,15 @@ def run_suite(name: str, out: Path, runs_dir: Path, preset: str = "tiny",
   return result
 
 
+def out_dir(suite: str, out: str, runs_dir: str, n_suites: int, stamp: str) -> Path:
+  """Where a suite's tables and plots go: ``--out`` (``<out>/<suite>`` with several
+  suites), else a new ``<runs_dir>/results/<suite>-<stamp>``, so the committed
+  ``results/<suite>`` is never overwritten unless named."""
+  if not out:
+    return Path(runs_dir) / "results" / f"{suite}-{stamp}"
+  return Path(out) / suite if n_suites > 1 else Path(out)
+
+
 def main(argv):
   from absl import flags, logging
   F = flags.FLAGS
@@ -566,9 +575,7 @@ def main(argv):
   command = "python -m model1.ablate " + " ".join(sys.argv[1:])
   stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
   for s in suites:
-    out = Path(F.out) if F.out else Path(F.runs_dir) / "results" / f"{s}-{stamp}"
-    if len(suites) > 1 and F.out:
-      out = out / s
+    out = out_dir(s, F.out, F.runs_dir, len(suites), stamp)
     run_suite(s, out, Path(F.runs_dir), F.preset, scale, seeds, F.steps, F.set or (),
               [x for x in F.variants.split(",") if x], evals_override, command)
 

@@ -17,6 +17,7 @@ written only after that.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -272,7 +273,9 @@ def run(cfg, workdir: str | Path, log=_print) -> dict:
   model_cfg = model_config_from_dict(cfg.model)
   t = cfg.train
   mesh = sharding.make_mesh(**cfg.mesh.to_dict())
-  with checkpoint.RunLock(workdir):
+  # multi-host: every process runs in the same (shared) run directory; process 0 locks it
+  lock = checkpoint.RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
     return _run_locked(cfg, workdir, model_cfg, t, mesh, log, t0)
 
 

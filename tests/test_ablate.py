@@ -171,6 +171,15 @@ def test_eval_cli_long_context_and_position(runs):
   assert got["mqar.json"]["accuracy"] and got["position.json"]["position"]
 
 
+def test_default_output_is_a_new_folder_never_the_committed_results():
+  from model1 import ablate
+  a = ablate.out_dir("heads", "", "runs/ablate", 1, "20260101-000000")
+  b = ablate.out_dir("heads", "", "runs/ablate", 1, "20260101-000001")
+  assert a == Path("runs/ablate/results/heads-20260101-000000") and a != b
+  assert ablate.out_dir("heads", "results/heads", "runs/ablate", 1, "x") == Path("results/heads")
+  assert ablate.out_dir("sparse", "o", "r", 2, "x") == Path("o/sparse")
+
+
 def test_resolution_and_matched_params():
   from model1 import ablate, config
   for scale in (None, "tiny", "smoke"):
