@@ -227,16 +227,6 @@ class Preempted(Exception):
   """SIGTERM/SIGINT stopped the run after saving a checkpoint (requeue it to resume)."""
 
 
-def _quiet_orbax() -> None:
-  """Orbax logs every save/restore at INFO through absl; a run shows its own lines."""
-  import logging
-  from absl import logging as absl_logging
-  if absl_logging.get_verbosity() > absl_logging.WARNING:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  for name in ("orbax", "absl"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def _tb_writer(workdir: Path):
   """TensorBoard event files in ``<workdir>/tb`` beside metrics.jsonl (None if
   tensorboardX is not installed: the JSONL stays the record)."""
@@ -267,7 +257,6 @@ def run(cfg, workdir: str | Path, log=_print) -> dict:
   it is rewritten before that is known."""
   t0 = time.perf_counter()
   validate_run_config(cfg)
-  _quiet_orbax()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = model_config_from_dict(cfg.model)
