@@ -167,11 +167,18 @@ def _tiny_size(path):
 
 
 def _training_key(cfg) -> str:
-  """What a 2-step run depends on (model, data stream, optimizer), not name or schedule."""
+  """What a 2-step run compiles and reads: the model without the settings of parts that
+  are off, the data stream (the synthetic mix is host-side numpy: test_long_context and
+  test_ablate). Not the name, schedule, run length or optimizer (test_v4_block trains
+  the tiny model with AdamW and with Muon)."""
   d = cfg.to_dict()
-  return json.dumps({"model": d["model"], "data": d["data"], "seed": d["seed"],
-                     "opt": [d["train"][k] for k in ("optimizer", "grad_accum")]},
-                    sort_keys=True, default=list)
+  m = dict(d["model"])
+  for part, on in (("engram", m.get("use_engram")), ("moe", m.get("use_moe"))):
+    if not on:
+      m.pop(part, None)
+  data = {k: v for k, v in d["data"].items() if k != "synthetic_ratio"}
+  return json.dumps({"model": m, "data": data, "seed": d["seed"],
+                     "grad_accum": d["train"]["grad_accum"]}, sort_keys=True, default=list)
 
 
 def _groups():
