@@ -223,10 +223,6 @@ def validate_run_config(cfg) -> None:
        "a folder path ('' = $MODEL1_CACHE or ~/.cache/model1)")
 
 
-class Preempted(Exception):
-  """SIGTERM/SIGINT stopped the run after saving a checkpoint (requeue it to resume)."""
-
-
 def _tb_writer(workdir: Path):
   """TensorBoard event files in ``<workdir>/tb`` beside metrics.jsonl (None if
   tensorboardX is not installed: the JSONL stays the record)."""
