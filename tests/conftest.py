@@ -15,6 +15,7 @@ os.environ.setdefault("MODEL1_FAST", "1")
 # JAX only stores programs that took >= 1 s to compile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(os.environ["MODEL1_CACHE"]) / "jax_compilation_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # bytes, LRU-evicted
 sys.path.insert(0, str(ROOT))
 
 import importlib.util  # noqa: E402
