@@ -113,7 +113,8 @@ def _mesh(d, f, t):
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path, tiny_cfg):
-  cfg = plain(shrink(tiny_cfg.copy_and_resolve_references()))  # the layout is under test
+  # the layout is under test: one plain layer holds every kind of sharded parameter
+  cfg = plain(shrink(tiny_cfg.copy_and_resolve_references(), n_layers=1))
   cfg.train.update(steps=2, log_every=1, eval_every=0)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   trainer.run(cfg, tmp_path)
