@@ -2,7 +2,7 @@
 
 The two attention geometries of FlashMLA live side by side: ``v32`` (576-dim MLA heads:
 512 latent + 64 RoPE, value = latent) and ``model1`` (512-dim heads: 448 NoPE + 64 RoPE,
-key = value, VVPA). See ``../shared/DESIGN.md`` for the facts every part agrees on.
+key = value, VVPA). Each module's docstring states what it implements and its source.
 
 Shape-suffix letter key (tensor names and einsum letters use the same letters):
 

@@ -19,7 +19,8 @@ Resolution order: base -> variant -> size (--tiny/--smoke) -> --steps -> --set -
 match_params. --tiny/--smoke fix the widths, so a variant that overrides d_model or
 n_layers keeps its value only at the suite's own size.
 
-Outputs in --out (default results/<suite>): results.md (table, mean ± std over seeds),
+Outputs in --out (default a new folder ``<runs_dir>/results/<suite>-<UTC time>``, so the
+committed ``results/<suite>`` is only rewritten when --out names it): results.md (table, mean ± std over seeds),
 results.json (everything, per seed), loss_curves.png (a color per variant, seeds thin,
 their mean thick), accuracy_vs_length.png. A variant that fails to build, train or
 evaluate gets its error in the table instead of stopping the suite.
@@ -241,7 +242,8 @@ def _shared_dataset(run):
   attribute ``trainer.run`` looks up, and restores it afterwards."""
   from model1 import trainer
   orig = trainer.load_dataset
-  trainer.load_dataset = lambda cfg: _dataset(cfg)
+  trainer.load_dataset = lambda cfg, tokenizer_file=None: (
+      _dataset(cfg) if tokenizer_file is None else orig(cfg, tokenizer_file))
   try:
     yield
   finally:
@@ -548,6 +550,15 @@ def run_suite(name: str, out: Path, runs_dir: Path, preset: str = "tiny",
   return result
 
 
+def out_dir(suite: str, out: str, runs_dir: str, n_suites: int, stamp: str) -> Path:
+  """Where a suite's tables and plots go: ``--out`` (``<out>/<suite>`` with several
+  suites), else a new ``<runs_dir>/results/<suite>-<stamp>``, so the committed
+  ``results/<suite>`` is never overwritten unless named."""
+  if not out:
+    return Path(runs_dir) / "results" / f"{suite}-{stamp}"
+  return Path(out) / suite if n_suites > 1 else Path(out)
+
+
 def main(argv):
   from absl import flags, logging
   F = flags.FLAGS
@@ -562,10 +573,9 @@ def main(argv):
   if evals_override and not set(evals_override.split(",")) <= set(EVALS) | {"none"}:
     raise ValueError(f"--evals={F.evals}; expected 'none' or a comma list of {EVALS}")
   command = "python -m model1.ablate " + " ".join(sys.argv[1:])
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
   for s in suites:
-    out = Path(F.out or f"results/{s}")
-    if len(suites) > 1 and F.out:
-      out = out / s
+    out = out_dir(s, F.out, F.runs_dir, len(suites), stamp)
     run_suite(s, out, Path(F.runs_dir), F.preset, scale, seeds, F.steps, F.set or (),
               [x for x in F.variants.split(",") if x], evals_override, command)
 
@@ -578,8 +588,8 @@ def _define_flags():
   flags.DEFINE_string("seeds", "", "Comma-separated seeds (default: the suite's; 0 with "
                       "--tiny/--smoke).")
   flags.DEFINE_integer("steps", None, "Training steps per run (overrides the size).")
-  flags.DEFINE_string("out", "", "Output folder (default results/<suite>; with several "
-                      "suites, <out>/<suite>).")
+  flags.DEFINE_string("out", "", "Output folder (default a new <runs_dir>/results/"
+                      "<suite>-<UTC time>; with several suites, <out>/<suite>).")
   flags.DEFINE_string("runs_dir", "runs/ablate", "Where trained runs are kept and reused.")
   flags.DEFINE_string("preset", "tiny", "Model preset the suite starts from: tiny | small.")
   flags.DEFINE_string("variants", "", "Only these variants (comma-separated names).")
@@ -590,6 +600,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
-  app.run(main)
+  from model1 import cli
+  cli.run_main(main, _define_flags)

@@ -1,14 +1,18 @@
 """Data: a real local corpus, a BPE tokenizer trained on it, packed deterministic batches.
 
-Default corpus (DESIGN §6): the Python standard library sources of the running
+Default corpus: the Python standard library sources of the running
 interpreter (``sysconfig`` stdlib path), excluding ``site-packages``/``dist-packages``.
 Users pass their own files or folders instead (``data.paths``). Each file is a document.
 
 * ``build_manifest`` lists the files (relative path + sha256); its hash keys every cache.
 * ``load_tokenizer`` trains a byte-level BPE with the ``tokenizers`` package on the
   training files (cached by manifest hash and vocabulary size); ``byte`` is the fallback.
+* ``corpus_files`` refuses missing paths and corpora with no non-empty UTF-8 text
+  (``is_text_file``: no NUL bytes, valid UTF-8 in the first 4 KB, a character cut at the
+  boundary allowed).
 * ``Dataset`` tokenizes every file once (cached), splits train/validation *by file*
-  deterministically (a hash of the path), and packs each split into rows of
+  deterministically (a hash of the path; a one-file corpus holds out its last
+  ``val_percent`` of tokens), and packs each split into rows of
   ``seq_len + 1`` tokens with segment ids (one per document piece) and positions that
   restart at each piece. ``batch(step)`` is a pure function of (seed, step): resuming at
   step s yields exactly the batch the uninterrupted run saw.
@@ -57,18 +61,36 @@ def corpus_files(paths: Sequence[str] | None = None) -> tuple[Path, list[Path]]:
       files += _walk(pp, None)
     elif pp.is_file():
       files.append(pp)
-  readable = []
-  for f in files:
-    try:
-      f.read_bytes()[:4096].decode("utf-8")
-      readable.append(f)
-    except (OSError, UnicodeDecodeError):
-      pass
+    else:  # one missing path among good ones would otherwise shrink the corpus silently
+      raise ValueError(f"data.paths entry {p!r} does not exist; expected existing files or "
+                       f"folders (comma-separated)")
+  readable = [f for f in files if is_text_file(f)]
   if not readable:
     raise ValueError(f"data.paths={list(paths)!r} contains no readable UTF-8 text files;"
                      f" expected files or folders of text/code")
+  if not any(f.stat().st_size for f in readable):
+    raise ValueError(f"data.paths={list(paths)!r}: every text file is empty; expected "
+                     f"some text to train on")
   root = Path(os.path.commonpath([str(f.resolve().parent) for f in readable]))
   return root, sorted(readable)
+
+
+def is_text_file(path: Path, probe: int = 4096) -> bool:
+  """UTF-8 text without NUL bytes, judged on the first ``probe`` bytes. The decoder is
+  incremental, so a multi-byte character cut by the probe boundary is not an error."""
+  import codecs
+  try:
+    with open(path, "rb") as f:
+      head = f.read(probe)
+  except OSError:
+    return False
+  if b"\0" in head:
+    return False
+  try:
+    codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+  except UnicodeDecodeError:
+    return False
+  return True
 
 
 def build_manifest(paths: Sequence[str] | None = None) -> dict:
@@ -160,6 +182,18 @@ def load_tokenizer(manifest: dict, kind: str, vocab_size: int, cache_dir: Path |
   return BPETokenizer(tok)
 
 
+def tokenizer_from_file(path: str | Path):
+  """The tokenizer a run saved (``tokenizer.json``: a BPE file or the byte marker)."""
+  path = Path(path)
+  if not path.exists():
+    raise ValueError(f"tokenizer file {path} does not exist; expected the run's tokenizer.json")
+  text = path.read_text()
+  if '"model1_byte_tokenizer"' in text[:100]:
+    return ByteTokenizer()
+  from tokenizers import Tokenizer
+  return BPETokenizer(Tokenizer.from_str(text))
+
+
 # --------------------------------------------------------------------------- dataset
 
 @dataclasses.dataclass
@@ -198,27 +232,50 @@ class Dataset:
 
   def __init__(self, paths=None, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
                tokenizer: str = "bpe", vocab_size: int = 4096, val_percent: float = 5.0,
-               cache_dir: str | None = None, manifest: dict | None = None):
+               cache_dir: str | None = None, manifest: dict | None = None,
+               tokenizer_file: str | Path | None = None):
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f"data.seq_len={seq_len}, data.batch_size={batch_size}; "
                        f"expected positive ints")
+    if not 0 < val_percent < 100:
+      raise ValueError(f"data.val_percent={val_percent}; expected a percentage in (0, 100)")
     self.manifest = manifest or build_manifest(paths)
     self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
     cache = Path(cache_dir or default_cache_dir())
-    self.tokenizer = load_tokenizer(self.manifest, tokenizer, vocab_size, cache)
+    if tokenizer_file is not None:  # a run's own tokenizer (checkpoint.save_run_tokenizer)
+      self.tokenizer = tokenizer_from_file(tokenizer_file)
+    else:
+      self.tokenizer = load_tokenizer(self.manifest, tokenizer, vocab_size, cache)
+    # the token cache is keyed by the tokenizer's content, so a run's saved copy of the
+    # cached tokenizer shares its tokens
+    tok = getattr(self.tokenizer, "tok", None)
+    key = "byte" if tok is None else "bpe" + hashlib.sha256(
+        tok.to_str().encode()).hexdigest()[:12]
     self.vocab_size = self.tokenizer.get_vocab_size()
-    docs = self._tokenize(cache, tokenizer, vocab_size)
+    docs = self._tokenize(cache, key)
+    if not sum(len(d) for d in docs):
+      raise ValueError(f"data.paths={paths!r} tokenizes to no tokens; expected some text")
     paths_ = [e["path"] for e in self.manifest["files"]]
     val = [d for p, d in zip(paths_, docs) if _is_val(p, val_percent)]
     train = [d for p, d in zip(paths_, docs) if not _is_val(p, val_percent)]
-    if not val:  # tiny user corpora: hold out the last file
-      val, train = train[-1:], train[:-1] or train[-1:]
+    if len(docs) == 1:  # one file: validate on its tail, never on training rows
+      (doc,) = docs
+      cut = len(doc) - max(seq_len + 1, int(len(doc) * val_percent / 100))
+      if cut < seq_len + 1:
+        raise ValueError(f"the corpus has one file of {len(doc)} tokens; expected at least "
+                         f"{2 * (seq_len + 1)} (data.seq_len={seq_len}) to hold out a "
+                         f"validation row, or more files")
+      train, val = [doc[:cut]], [doc[cut:]]
+    elif not val:  # tiny user corpora: hold out the last file
+      val, train = train[-1:], train[:-1]
+    elif not train:
+      train, val = val[:-1], val[-1:]
     order = np.random.default_rng(seed).permutation(len(train))
     self.train = pack([train[i] for i in order], seq_len)
     self.val = pack(val, seq_len)
 
-  def _tokenize(self, cache: Path, kind: str, vocab_size: int) -> list[np.ndarray]:
-    path = cache / f"tokens-{self.manifest['hash']}-{kind}-{vocab_size}.npz"
+  def _tokenize(self, cache: Path, key: str) -> list[np.ndarray]:
+    path = cache / f"tokens-{self.manifest['hash']}-{key}.npz"
     if path.exists():
       z = np.load(path)
       return np.split(z["ids"], z["offsets"][1:-1])

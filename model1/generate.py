@@ -138,6 +138,13 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig =
                        f"[0, {cfg.vocab_size})")
   if sampling.max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={sampling.max_new_tokens}; expected >= 1")
+  longest = max(len(p) for p in prompts)
+  if longest + sampling.max_new_tokens > cfg.max_seq_len:
+    # checked before the cache is allocated: positions past max_seq_len were never trained
+    raise ValueError(f"prompt length {longest} + max_new_tokens={sampling.max_new_tokens} = "
+                     f"{longest + sampling.max_new_tokens}; expected at most "
+                     f"model.max_seq_len={cfg.max_seq_len} (shorten the prompt or ask for "
+                     f"fewer tokens)")
   B = len(prompts)
   lens = np.array([len(p) for p in prompts], np.int32)
   total = int(lens.max()) + sampling.max_new_tokens

@@ -1,6 +1,7 @@
 """pallas_kernels: FlashMLA-compatible KV-cache formats and attention for JAX.
 
-Imports jax and numpy only (never ``model1``).
+Imports jax and numpy only (never ``model1``).  The byte layouts and the attention
+semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
 
   fp8_cache       the "v32" (656 B/token), "model1" (584 B/token) and "bf16" cache
                   formats: byte-exact FlashMLA packing, the ``KCache`` structure-of-arrays

@@ -7,6 +7,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("MODEL1_CACHE", str(Path.home() / ".cache" / "model1"))
+# notebooks and long research checks read MODEL1_FAST=1: the same cells and code paths at
+# smaller shapes (the suite runs in <= 12 minutes on 2 CPU cores)
+os.environ.setdefault("MODEL1_FAST", "1")
+# one on-disk compilation cache for the session's workers and the CLI runs they start
+# (train.py / eval.py / ablate subprocesses compile the programs the in-process tests do);
+# JAX only stores programs that took >= 1 s to compile
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(os.environ["MODEL1_CACHE"]) / "jax_compilation_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # bytes, LRU-evicted
 sys.path.insert(0, str(ROOT))
 
 import importlib.util  # noqa: E402
@@ -37,6 +46,36 @@ def shrink(cfg, seq_len=32, batch_size=4, n_layers=2):
     m.attention.compress_ratios = tuple(m.attention.compress_ratios)[:m.n_layers + 1]
   cfg.data.seq_len, cfg.data.batch_size = seq_len, batch_size
   cfg.train.progress = False
+  return cfg
+
+
+def tiny_model_config(geometry: str = "model1", *, v4: bool = False, vocab_size: int = 97,
+                      d_model: int = 64, n_layers: int = 2, ffn_hidden: int = 128,
+                      max_seq_len: int | None = None, **attn):
+  """The one tiny ModelConfig of the unit tests: exact head geometry (512 or 576), small
+  width, dense attention. Plain pre-norm blocks (no mHC, MoE or MTP) unless ``v4=True``
+  keeps the preset's V4 block (mHC 4 streams, MoE with a hash layer, MTP 1): only tests
+  of those parts pay for their compile time. ``attn`` overrides attention fields."""
+  import dataclasses
+
+  from model1 import config
+  cfg = config.preset("tiny", geometry, sparse="dense")
+  a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32, **attn)
+  cfg = dataclasses.replace(cfg, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                            attention=a, ffn=config.FFNConfig(ffn_hidden),
+                            max_seq_len=max_seq_len or cfg.max_seq_len)
+  if not v4:
+    cfg = dataclasses.replace(cfg, mhc=config.MHCConfig(hc_mult=1), use_moe=False,
+                              mtp=config.MTPConfig(0))
+  return cfg.validate()
+
+
+def tiny_run_config(n_layers: int = 1, seq_len: int = 32, batch_size: int = 4):
+  """configs/tiny.py shrunk to a plain 1-layer dense model: for tests of the machinery
+  around the model (checkpoints, resume, run directory), not of the model."""
+  cfg = plain(shrink(load_config(ROOT / "configs" / "tiny.py"), seq_len, batch_size))
+  cfg.model.n_layers = n_layers
+  cfg.mesh.num_devices = 1
   return cfg
 
 

@@ -92,7 +92,12 @@ def test_heads_tiny_end_to_end(runs):
       assert s[k]["mean"] > 0, (v["name"], k)
     acc = {(a["task"], a["length"]): a for a in s["retrieval"]}
     assert set(acc) == {(t, L) for t in ("passkey", "mqar") for L in (32, 64, 128)}
-    assert all(0 <= a["accuracy"] <= 1 for a in acc.values())
+    for (task, L), a in acc.items():
+      # one seed: the accuracy is a count of hits over n scored answers (32 passkey examples
+      # at --tiny; one per MQAR query), and the chance bound sits between chance and 1
+      hits = a["accuracy"] * a["n"]
+      assert a["n"] >= 32 and abs(hits - round(hits)) < 1e-6, (task, L, a)
+      assert 0 < a["chance"] < a["chance_upper"] < 1, a
   by = {v["name"]: v["summary"] for v in res["variants"]}
   # FlashMLA FP8 bytes per token and layer: 584 (MODEL1) vs 656 (V32); 2 layers at --tiny
   assert by["model1_512"]["kv_bytes_per_token_fp8"]["mean"] == 2 * 584
@@ -119,12 +124,11 @@ def test_smoke_suites_have_a_row_per_variant(runs):
   for geo, fp8_bytes in (("model1", 584), ("v32", 656)):  # 1 layer at --smoke
     bf, f8 = kv[f"{geo}_bf16"], kv[f"{geo}_fp8"]
     assert bf["seeds"][0]["run_dir"] == f8["seeds"][0]["run_dir"]  # trained once
-    assert bf["summary"]["top1_agreement_vs_bf16"]["mean"] == 1.0  # same cache, same path
-    assert bf["summary"]["kl_vs_bf16"]["mean"] == 0.0
     assert f8["summary"]["kv_bytes_per_token_fp8"]["mean"] == fp8_bytes
     # FP8 e4m3 keeps ~2^-4 relative error on the NoPE dims: next-token distributions
-    # barely move (measured KL ~3e-4 nats on a 3-step model)
-    assert f8["summary"]["kl_vs_bf16"]["mean"] < 1e-2
+    # barely move (measured KL ~3e-4 nats on a 3-step model), but they do move: a KL of
+    # exactly 0 would mean the FP8 variant decoded through the bf16 cache
+    assert 0 < f8["summary"]["kl_vs_bf16"]["mean"] < 1e-2
   # runs are keyed by config: the shared plain baseline trained once across suites
   runs_dir = runs.base / "runs_smoke"
   dirs = {r["run_dir"] for s in SMOKE_SUITES for v in _result(runs.base / "smoke" / s)["variants"]
@@ -152,12 +156,28 @@ def test_eval_cli_long_context_and_position(runs):
   cmds = {m: subprocess.Popen([sys.executable, "eval.py", f"--workdir={run_dir}", f"--mode={m}",
                                "--lengths=32,256", "--n_trials=16", "--eval_batches=2"],
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for m in ("mqar", "position")}
+                              text=True) for m in ("mqar", "position", "all")}
   outs = {m: p.communicate(timeout=300) for m, p in cmds.items()}
   for m, p in cmds.items():
     assert p.returncode == 0, outs[m][0][-3000:]
   assert "| mqar |" in outs["mqar"][0] and "skipped: length 256 > model.max_seq_len=128" in outs["mqar"][0]
   assert "| [0, 1) |" in outs["position"][0] and "| all |" in outs["position"][0]
+  # one file per mode: no mode overwrites another's numbers
+  run = Path(run_dir)
+  got = {f: json.loads((run / f).read_text()) for f in
+         ("eval.json", "sample.json", "mqar.json", "position.json")}
+  assert got["eval.json"]["mode"] == "loss" and got["eval.json"]["val_loss"] > 0
+  assert got["sample.json"]["sample"].startswith("def main():")
+  assert got["mqar.json"]["accuracy"] and got["position.json"]["position"]
+
+
+def test_default_output_is_a_new_folder_never_the_committed_results():
+  from model1 import ablate
+  a = ablate.out_dir("heads", "", "runs/ablate", 1, "20260101-000000")
+  b = ablate.out_dir("heads", "", "runs/ablate", 1, "20260101-000001")
+  assert a == Path("runs/ablate/results/heads-20260101-000000") and a != b
+  assert ablate.out_dir("heads", "results/heads", "runs/ablate", 1, "x") == Path("results/heads")
+  assert ablate.out_dir("sparse", "o", "r", 2, "x") == Path("o/sparse")
 
 
 def test_resolution_and_matched_params():

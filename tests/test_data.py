@@ -92,3 +92,41 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     config.model_config_from_dict({"attention": {"head_dim": 32}})
   with pytest.raises(ValueError, match=r"unknown config field"):
     config.model_config_from_dict({"d_modle": 3})
+
+
+def test_corpus_errors_and_text_detection(tmp_path):
+  good = tmp_path / "good.py"
+  good.write_text("x = 1\n" * 50)
+  with pytest.raises(ValueError, match=r"data.paths entry '.*nope' does not exist"):
+    data.corpus_files([str(good), str(tmp_path / "nope")])  # never dropped silently
+  (tmp_path / "e").mkdir()
+  (tmp_path / "e" / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match=r"every text file is empty"):
+    data.corpus_files([str(tmp_path / "e")])
+  # a valid UTF-8 file whose 3-byte character straddles the 4096-byte probe is text
+  straddle = tmp_path / "straddle.txt"
+  straddle.write_bytes(b"a" * 4095 + "€".encode() + b"tail\n")
+  assert data.is_text_file(straddle)
+  broken = tmp_path / "broken.txt"
+  broken.write_bytes(b"a" * 10 + b"\xe2\x28\xa1" + b"a" * 10)  # invalid continuation byte
+  nul = tmp_path / "nul.txt"
+  nul.write_bytes(b"abc\0def")
+  assert not data.is_text_file(broken) and not data.is_text_file(nul)
+  _, files = data.corpus_files([str(tmp_path / "straddle.txt")])
+  assert files == [straddle]
+
+
+def test_one_file_corpus_validates_on_held_out_tokens(tmp_path):
+  f = tmp_path / "one.txt"
+  f.write_text("".join(f"line {i}: {i * i}\n" for i in range(400)))
+  ds = data.Dataset(paths=[str(f)], seq_len=16, batch_size=2, tokenizer="byte",
+                    cache_dir=str(tmp_path / "cache"))
+  rows = lambda s: {tuple(r) for r in s.tokens.tolist()}
+  assert ds.val.tokens.shape[0] >= 1 and ds.train.tokens.shape[0] > 10 * ds.val.tokens.shape[0]
+  assert not rows(ds.train) & rows(ds.val)  # validation never sees a training row
+  n = ds.train.tokens[ds.train.segments > 0].size + ds.val.tokens[ds.val.segments > 0].size
+  assert n == len(f.read_bytes()) + 2  # every byte once, plus one <|eos|> per piece
+  (tmp_path / "short.txt").write_text("tiny")
+  with pytest.raises(ValueError, match=r"one file of \d+ tokens; expected at least 34"):
+    data.Dataset(paths=[str(tmp_path / "short.txt")], seq_len=16, tokenizer="byte",
+                 cache_dir=str(tmp_path / "cache"))

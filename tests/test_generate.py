@@ -1,26 +1,21 @@
 """Decoding through the paged KV cache (bf16 and FlashMLA FP8 formats) against the full
 forward pass; batched generation against one prompt at a time; cache errors."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from model1 import config, generate, kv_cache
+from conftest import tiny_model_config
+from model1 import generate, kv_cache
 from model1.model import Transformer
 
 GEOMS = ["v32", "model1"]
 
 
 def _tiny(geometry):
-  cfg = config.preset("tiny", geometry, sparse="dense")
-  a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32)
   # plain blocks: these tests are about the KV cache, not the V4 block (tested elsewhere)
-  return dataclasses.replace(cfg, vocab_size=97, d_model=64, n_layers=2, attention=a,
-                             ffn=config.FFNConfig(128), use_moe=False,
-                             mhc=config.MHCConfig(hc_mult=1), mtp=config.MTPConfig(0))
+  return tiny_model_config(geometry)
 
 
 @pytest.fixture(scope="module", params=GEOMS)
@@ -168,3 +163,11 @@ def test_cache_errors_leave_cache_unchanged():
   m = Transformer(_tiny("v32"), nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"token id 97"):
     generate.generate(m, [[1, 97]])
+  # prompt + new tokens past max_seq_len: refused before the cache is allocated (1e9 new
+  # tokens would otherwise reserve tens of GB)
+  L = m.cfg.max_seq_len
+  with pytest.raises(ValueError, match=rf"prompt length {L} \+ max_new_tokens=1 = {L + 1}; "
+                     rf"expected at most model.max_seq_len={L}"):
+    generate.generate(m, [[1] * L], generate.SamplingConfig(max_new_tokens=1))
+  with pytest.raises(ValueError, match=r"max_new_tokens=1000000000"):
+    generate.generate(m, [[1, 2]], generate.SamplingConfig(max_new_tokens=10**9))

@@ -5,13 +5,12 @@ greedy tokens wherever the reference's top-1 margin leaves no room for that boun
 Tiny random models in both geometries (V32 absorbed MLA over the 576-dim latent; MODEL1
 with its 512-dim key=value, VVPA and sink), bf16 and FP8 paged caches, odd page sizes.
 """
-import dataclasses
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from model1 import config
+from conftest import tiny_model_config
 from model1.generate import SamplingConfig, generate
 from model1.model import Transformer
 
@@ -20,10 +19,7 @@ STEPS = 4
 
 
 def _tiny(geometry):
-  cfg = config.preset("tiny", geometry, sparse="dense")
-  a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32)
-  return dataclasses.replace(cfg, vocab_size=97, d_model=64, n_layers=2, attention=a,
-                             ffn=config.FFNConfig(128))
+  return tiny_model_config(geometry, v4=True)
 
 
 @pytest.mark.parametrize("geometry,cache_format,block_size",

@@ -471,4 +471,7 @@ def test_kernel_argument_errors():
     pk.sparse_prefill(qp, kv, pidx, impl="pallas", **pkw, tuning=SparsePrefillTuning(block_q=24))
   with pytest.raises(ValueError, match="d_qk=256"):
     pk.sparse_prefill(qp[..., :256], kv[..., :256], pidx, sm_scale=0.1, d_v=256, impl="pallas")
-  assert dataclasses.is_dataclass(DenseDecodeTuning) and hash(DenseDecodeTuning()) is not None
+  # tunings are jit static arguments: frozen dataclasses, equal and hashing equal by value
+  assert DenseDecodeTuning.__dataclass_params__.frozen
+  assert hash(DenseDecodeTuning(block_k=16)) == hash(DenseDecodeTuning(block_k=16))
+  assert DenseDecodeTuning(block_k=16) != DenseDecodeTuning(block_k=32)

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_model_config
 from model1 import config
 from model1.attention import MLA
 from model1.model import Transformer
 
 
 def _tiny(geometry, **attn):
-  cfg = config.preset("tiny", geometry, sparse="dense")  # the V4 pattern: test_sparse_attention
-  a = dataclasses.replace(cfg.attention, n_heads=2, q_lora_rank=32, o_lora_rank=32, **attn)
-  return dataclasses.replace(cfg, vocab_size=97, d_model=64, n_layers=2, attention=a,
-                             ffn=config.FFNConfig(128))
+  # plain blocks: the attention geometry is under test here (the V4 block: test_v4_block,
+  # sparse patterns: test_sparse_attention)
+  return tiny_model_config(geometry, **attn)
 
 
 @pytest.mark.parametrize("geometry", ["v32", "model1"])
