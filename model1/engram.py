@@ -36,7 +36,6 @@ U touched rows in a sparse update, S conv history positions = (kernel_size-1)·N
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -91,11 +90,11 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 @jax.jit
 def _gather_on_host(table_RH: jax.Array, rows: jax.Array) -> jax.Array:
   rows_h = jax.device_put(rows, HOST)
-  with compute_on("device_host"):
-    # mode="clip": the bounds check of mode="fill" builds device-typed constants that
-    # XLA refuses to mix with host operands; ids are in range by construction.
-    e = jnp.take(table_RH, rows_h, axis=0, mode="clip")
-  return jax.device_put(e, DEVICE)
+  # mode="clip": the bounds check of mode="fill" builds device-typed constants that
+  # XLA refuses to mix with host operands; ids are in range by construction.
+  take = compute_on(lambda t, r: jnp.take(t, r, axis=0, mode="clip"),
+                    compute_type="device_host", out_memory_spaces=HOST)
+  return jax.device_put(take(table_RH, rows_h), DEVICE)
 
 
 def gather_rows(table_RH: jax.Array, rows: jax.Array) -> jax.Array:
@@ -339,17 +338,21 @@ def row_sparse_adam_update(table_RH: jax.Array, state: RowSparseAdamState,
   rows = rows_U.astype(jnp.int32)
   if host:
     g_UH, step, lr, wd, rows = (jax.device_put(x, HOST) for x in (g_UH, step, lr, wd, rows))
-  with compute_on("device_host") if host else contextlib.nullcontext():
+
+  def update(table_RH, mu, nu, g_UH, step, lr, wd, rows):
     # Padding rows (index R) read the clipped last row and are dropped by the scatter.
-    m = state.mu.at[rows].get(mode="clip") * b1 + (1 - b1) * g_UH
-    v = state.nu.at[rows].get(mode="clip") * b2 + (1 - b2) * g_UH * g_UH
+    m = mu.at[rows].get(mode="clip") * b1 + (1 - b1) * g_UH
+    v = nu.at[rows].get(mode="clip") * b2 + (1 - b2) * g_UH * g_UH
     p = table_RH.at[rows].get(mode="clip").astype(jnp.float32)
     m_hat = m / (1 - b1 ** step)
     v_hat = v / (1 - b2 ** step)
     p = p - lr * (m_hat / (jnp.sqrt(v_hat) + eps) + wd * p)
-    table_RH = table_RH.at[rows].set(p.astype(table_RH.dtype), mode="drop")
-    mu = state.mu.at[rows].set(m, mode="drop")
-    nu = state.nu.at[rows].set(v, mode="drop")
+    return (table_RH.at[rows].set(p.astype(table_RH.dtype), mode="drop"),
+            mu.at[rows].set(m, mode="drop"), nu.at[rows].set(v, mode="drop"))
+
+  if host:  # everything table-shaped stays in host memory and runs there
+    update = compute_on(update, compute_type="device_host", out_memory_spaces=HOST)
+  table_RH, mu, nu = update(table_RH, state.mu, state.nu, g_UH, step, lr, wd, rows)
   return table_RH, RowSparseAdamState(mu, nu, count)
 
 
