@@ -107,7 +107,7 @@ _WINDOW = 128           # bytes per TMA scale window (Mosaic GPU's TMA granulari
 def geometry(fmt: str):
   """(d_qk, d_nope, scale tile width, scale count, NoPE copies as (src byte, smem byte, n))."""
   if fmt == "v32":
-    return 576, 512, 128, 4, ((0, 0, 512),)
+    return 576, 512, 128, 4, ((0, 0, 256), (256, 256, 256))
   return 512, 448, 64, 7, ((0, 0, 256), (192, 256, 256))
 
 
@@ -172,8 +172,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         plgpu.copy_gmem_to_smem(cache_rope.at[pl.ds(row, 1)], rope_raw.at[rs, pl.ds(x, 1)],
                                 raw_bar.at[rs])
         n_win = sc_raw.shape[-1]
-        plgpu.copy_gmem_to_smem(cache_sc.at[:, pl.ds(row * n_sc, n_win)],
-                                sc_raw.at[rs, pl.ds(x, 1)], raw_bar.at[rs])
+        plgpu.copy_gmem_to_smem(cache_sc.at[pl.ds(row * n_sc, n_win)], sc_raw.at[rs, x],
+                                raw_bar.at[rs])
 
     def issue(c):
       rs = _stage(c, RAW_STAGES)
@@ -204,10 +204,10 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       T = lambda x: plgpu.layout_cast(x, tile_l)
       R = lambda x: plgpu.layout_cast(x, row_l)
       valid_K = R(valid_K)
-      win = plgpu.load(sc_raw.at[rs], layout=tile_l)
+      win = plgpu.load(sc_raw.at[rs], layout=tile_l, optimized=False)
       win = T(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
       col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=tile_l)
-      raw = plgpu.load(nope_raw.at[rs], layout=tile_l)
+      raw = plgpu.load(nope_raw.at[rs], layout=tile_l, optimized=False)
       for t in range(d_nope // width):
         c0 = _nope_smem_col(fmt, t, width)
         codes = T(T(raw[:, c0:c0 + width]).astype(jnp.float32))
@@ -225,7 +225,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         k_KW = T(jnp.where(T(lax.broadcast_in_dim(valid_K, codes.shape, [0])), k_KW,
                            jnp.zeros_like(k_KW)))
         kbf[ks, :, pl.ds(t * width, width)] = T(k_KW.astype(jnp.bfloat16))
-      rope = T(plgpu.load(rope_raw.at[rs], layout=tile_l))
+      rope = T(plgpu.load(rope_raw.at[rs], layout=tile_l, optimized=False))
       kbf[ks, :, pl.ds(d_nope, D_ROPE)] = T(jnp.where(
           T(lax.broadcast_in_dim(valid_K, rope.shape, [0])), rope, jnp.zeros_like(rope)))
       bias_smem[ks] = R(jnp.where(valid_K, jnp.zeros(valid_K.shape, jnp.float32),
@@ -319,8 +319,13 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         q_smem[:, pl.ds(v * V_CHUNK, V_CHUNK)] = out.astype(jnp.bfloat16)
       vec_smem[1] = jnp.where(live, lse, jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(0, d_v)],
-                              o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
+      # TMA needs a contiguous shared-memory source: with d_v < d the first d_v columns of
+      # the (8, 64)-tiled buffer are contiguous only within each group of 8 rows.
+      n_grp = 1 if d_v == d else BLOCK_H // 8
+      for g in range(n_grp):
+        rows_g = pl.ds(g * (BLOCK_H // n_grp), BLOCK_H // n_grp)
+        plgpu.copy_smem_to_gmem(q_smem.at[rows_g, pl.ds(0, d_v)],
+                                o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)].at[rows_g])
       plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
       plgpu.wait_smem_to_gmem(0)
 
@@ -332,14 +337,11 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       plgpu.SMEM((BLOCK_H, d), jnp.bfloat16, transforms=swz),
       plgpu.SMEM((BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),
       plgpu.SMEM((K_STAGES, BLOCK_K, d), jnp.bfloat16, transforms=swz),
-      # Raw stages are plain row-major (a (1, row) tiling says so explicitly): each token
-      # row is written by its own TMA copy, which a multi-row tiling would not allow.
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, 512), jnp.float8_e4m3fn,
-                 transforms=(plgpu.TilingTransform((1, 512)),)),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, D_ROPE), jnp.bfloat16,
-                 transforms=(plgpu.TilingTransform((1, D_ROPE)),)),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype,
-                 transforms=(plgpu.TilingTransform((1, win)),)),
+      # Raw stages are plain row-major (no transforms): each token row is written by its
+      # own TMA copy, which a multi-row tiling would not allow.
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, 512), jnp.float8_e4m3fn),
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, D_ROPE), jnp.bfloat16),
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype),
       plgpu.SMEM((RAW_STAGES, BLOCK_K), jnp.int32),
       plgpu.SMEM((K_STAGES, BLOCK_K), jnp.float32),
       plgpu.SMEM((2, BLOCK_H), jnp.float32),
@@ -353,7 +355,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
 def _flat(cache):
   rows = cache.num_tokens
   return (cache.nope.reshape(rows, -1), cache.rope.reshape(rows, D_ROPE),
-          cache.scales.reshape(1, -1))
+          cache.scales.reshape(-1))
 
 
 def _pad_topk(idx_BTX, rows: int):
@@ -423,6 +425,7 @@ def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=No
       out_type=(jax.ShapeDtypeStruct((rows, hp, head_dim_v), jnp.bfloat16),
                 jax.ShapeDtypeStruct((rows, hp), jnp.float32)),
       grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=2, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret)(*operands)
   out = out[:, :h_q].reshape(b, s_q, h_q, head_dim_v)
   lse = lse[:, :h_q].reshape(b, s_q, h_q)
