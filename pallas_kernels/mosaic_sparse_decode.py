@@ -369,10 +369,10 @@ def check_supported(cache, d_qk: int, head_dim_v: int) -> None:
   require(cache.fmt in ("v32", "model1"),
           f"k_cache format {cache.fmt!r}: impl='mosaic' sparse decode reads the FP8 formats "
           "'v32' or 'model1' (use impl='pallas' or 'xla' for a bf16 cache)")
-  d_nope = d_qk - D_ROPE
-  require(head_dim_v in (d_nope, d_qk) and head_dim_v % 64 == 0,
-          f"head_dim_v={head_dim_v}: impl='mosaic' needs {d_nope} or {d_qk} (whole 64-column "
-          "tiles of the key)")
+  # The value is the first head_dim_v key columns, accumulated in chunks of wgmma's N = 256.
+  require(head_dim_v == 2 * V_CHUNK,
+          f"head_dim_v={head_dim_v}: impl='mosaic' needs {2 * V_CHUNK} (FlashMLA's value "
+          "dim; two 256-column wgmma accumulators)")
   need = smem_bytes(cache.fmt, head_dim_v)
   require(need <= SMEM_LIMIT, f"shared memory {need} B > {SMEM_LIMIT} B per CTA")
 

@@ -149,3 +149,22 @@ def test_mosaic_bad_input():
     pk.sparse_decode(q, cache, idx, head_dim_v=256, impl="mosaic")
   with pytest.raises(ValueError, match="impl='bogus'"):
     pk.sparse_decode(q, cache, idx, head_dim_v=DV, impl="bogus")
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_sparse_decode_lowers_for_cuda(fmt):
+  """The real (non-interpreted) kernel lowers for CUDA on a machine without a GPU: Mosaic GPU
+  runs its layout assignment, TMA and wgmma lowering here, so an unsupported layout, TMA box
+  or shared-memory view fails this test (within seconds, shapes are tiny)."""
+  d = D[fmt]
+  cache, extra = pk.KCache.empty(3, PAGE, fmt, d), pk.KCache.empty(4, 5, fmt, d)
+  q = jnp.zeros((1, 2, 128, d), jnp.bfloat16)                 # two 64-head blocks
+  idx = jnp.zeros((1, 2, 100), jnp.int32)
+  lens = jnp.zeros((1,), jnp.int32)
+  f = lambda q, c, i, l, e, ei, el, s: pk.sparse_decode(
+      q, c, i, head_dim_v=DV, attn_sink=s, topk_length=l, extra_k_cache=e,
+      extra_indices_in_kvcache=ei, extra_topk_length=el, impl="mosaic", interpret=False)
+  exp = jax.export.export(jax.jit(f), platforms=["cuda"])(
+      q, cache, idx, lens, extra, idx[..., :20], lens, jnp.zeros((128,), jnp.float32))
+  txt = exp.mlir_module()
+  assert txt.count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
