@@ -93,7 +93,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fp8_cache import D_ROPE, require
+from pallas_kernels import cache_view
+from pallas_kernels.fp8_cache import D_ROPE, KCache, require
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
 BLOCK_K = 64            # tokens per tile (wgmma K of P V must be a multiple of 64)
@@ -366,15 +367,32 @@ def _pad_topk(idx_BTX, rows: int):
 
 def check_supported(cache, d_qk: int, head_dim_v: int) -> None:
   """ValueError (before launch) for what this kernel does not cover."""
-  require(cache.fmt in ("v32", "model1"),
-          f"k_cache format {cache.fmt!r}: impl='mosaic' sparse decode reads the FP8 formats "
+  fmt = cache_view.info(cache).fmt
+  require(fmt in ("v32", "model1"),
+          f"k_cache format {fmt!r}: impl='mosaic' sparse decode reads the FP8 formats "
           "'v32' or 'model1' (use impl='pallas' or 'xla' for a bf16 cache)")
+  # It reads the structure-of-arrays KCache; FlashMLA's packed bytes would need their own
+  # per-token gathers (KCache.from_packed_bytes converts them).
+  require(isinstance(cache, KCache),
+          f"k_cache {type(cache).__name__}: impl='mosaic' reads a KCache (convert packed "
+          "bytes with KCache.from_packed_bytes, or use impl='pallas')")
   # The value is the first head_dim_v key columns, accumulated in chunks of wgmma's N = 256.
   require(head_dim_v == 2 * V_CHUNK,
           f"head_dim_v={head_dim_v}: impl='mosaic' needs {2 * V_CHUNK} (FlashMLA's value "
           "dim; two 256-column wgmma accumulators)")
-  need = smem_bytes(cache.fmt, head_dim_v)
+  need = smem_bytes(fmt, head_dim_v)
   require(need <= SMEM_LIMIT, f"shared memory {need} B > {SMEM_LIMIT} B per CTA")
+
+
+def supports(args: dict, head_dim_v: int) -> bool:
+  """Whether this kernel covers the validated ``args`` (``check_supported`` passes)."""
+  try:
+    for cache in (args["cache"], args["extra_cache"]):
+      if cache is not None:
+        check_supported(cache, args["q"].shape[-1], head_dim_v)
+  except ValueError:
+    return False
+  return True
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
@@ -390,7 +408,9 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
 
 def sparse_decode(args: dict, head_dim_v: int, interpret=None):
   """``sparse_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first)."""
-  check_supported(args["cache"], args["q"].shape[-1], head_dim_v)
+  for cache in (args["cache"], args["extra_cache"]):
+    if cache is not None:
+      check_supported(cache, args["q"].shape[-1], head_dim_v)
   return run(**args, head_dim_v=head_dim_v, interpret=interpret_params(interpret))
 
 

@@ -147,6 +147,8 @@ def test_mosaic_bad_input():
     pk.sparse_decode(q, bf16, idx, head_dim_v=DV, impl="mosaic")
   with pytest.raises(ValueError, match="head_dim_v=256"):
     pk.sparse_decode(q, cache, idx, head_dim_v=256, impl="mosaic")
+  with pytest.raises(ValueError, match="impl='mosaic' reads a KCache"):
+    pk.sparse_decode(q, cache.to_packed_bytes(), idx, head_dim_v=DV, impl="mosaic")
   with pytest.raises(ValueError, match="impl='bogus'"):
     pk.sparse_decode(q, cache, idx, head_dim_v=DV, impl="bogus")
 
@@ -168,3 +170,21 @@ def test_sparse_decode_lowers_for_cuda(fmt):
       q, cache, idx, lens, extra, idx[..., :20], lens, jnp.zeros((128,), jnp.float32))
   txt = exp.mlir_module()
   assert txt.count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
+
+
+def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
+  """impl="auto" on a (faked) compute-capability-9.0 GPU runs the Mosaic kernel for the FP8
+  caches and the Triton kernel where Mosaic does not cover the case (a bf16 cache); the
+  kernels themselves are stubbed (only the routing is under test)."""
+  import importlib
+  sd = importlib.import_module("pallas_kernels.sparse_decode")    # the module, not the function
+  ran = []
+  monkeypatch.setattr(msd, "run", lambda **kw: ran.append("mosaic"))
+  monkeypatch.setattr(sd, "_pallas_core", lambda **kw: ran.append("pallas"))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [type("H200", (), {"compute_capability": "9.0"})])
+  q, cache, idx, kw = _case("model1", 1, 1, 4, 40, seed=3)
+  bf16 = pk.KCache.from_bf16(cache.to_bf16(), "bf16")
+  for c in (cache, bf16):
+    pk.sparse_decode(q, c, idx, head_dim_v=DV, impl="auto", interpret=True)
+  assert ran == ["mosaic", "pallas"]
