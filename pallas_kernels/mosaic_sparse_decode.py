@@ -154,18 +154,22 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   copies_per_token = len(nope_copies) + 2
 
   def scoped(q_smem, p_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem,
-             raw_bar, ready, consumed, q_bar):
+             raw_bar, ready, consumed, q_bar, idx_bar):
     wg = lax.axis_index("wg")
 
     # ------------------------------------------------------------------ producer
     def gather(c, rs, cache_idx, cache_nope, cache_rope, cache_sc, cc, clen, rows):
+      # The tile's indices land in shared memory first (one copy, one wait), so the token
+      # loop below reads each index from SMEM instead of paying a global-memory latency
+      # per token before its TMA can be issued.
       plgpu.copy_gmem_to_smem(cache_idx.at[r, pl.ds(cc * BLOCK_K, BLOCK_K)], idx_smem.at[rs],
-                              raw_bar.at[rs])
+                              idx_bar)
+      plgpu.barrier_wait(idx_bar)
 
       @pl.loop(0, BLOCK_K)
       def _token(x):
         pos = cc * BLOCK_K + x
-        i = cache_idx[r, pos]
+        i = idx_smem[rs, x]
         row = jnp.where((i >= 0) & (i < rows) & (pos < clen), i, 0)   # invalid: any in-range row
         for src, dst, n in nope_copies:
           plgpu.copy_gmem_to_smem(cache_nope.at[pl.ds(row, 1), pl.ds(src, n)],
@@ -346,10 +350,11 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       plgpu.SMEM((RAW_STAGES, BLOCK_K), jnp.int32),
       plgpu.SMEM((K_STAGES, BLOCK_K), jnp.float32),
       plgpu.SMEM((2, BLOCK_H), jnp.float32),
-      plgpu.Barrier(num_arrivals=1 + BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
+      plgpu.Barrier(num_arrivals=BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
       plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
       plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
       plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_arrivals=1),
       collective_axes="wg")
 
 
