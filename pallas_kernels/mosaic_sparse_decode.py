@@ -39,14 +39,18 @@ gather (``cp.async.bulk.tensor`` gather4 is Blackwell-only; Mosaic GPU's indexed
 per token row, or ``cp.async`` (Mosaic GPU uses it only below sm_90 and then without
 barriers).  We issue one TMA copy per token and array, all completing on one mbarrier
 (its arrival count = the number of copies), so the producer never blocks per token and the
-consumer sees a whole tile through one wait.  Mosaic GPU requires each TMA copy to move a
-multiple of 128 bytes, which shapes the gathers:
-  v32:    NoPE 512 B (one copy), RoPE 128 B, scales: a 128 B window starting at the
-          token's 4 fp32 scales (32 fp32; the token's scales are the first 4);
+consumer sees a whole tile through one wait.  The tile's 64 indices come first, by one TMA
+copy into shared memory on their own barrier, so the token loop reads each index from SMEM
+(~30 cycles) rather than from global memory (~600 cycles, serialised before every issue).
+Mosaic GPU requires each TMA copy to move a multiple of 128 bytes, at most 256 elements per
+dimension, and every global stride but the last to be a multiple of 16 bytes, which shapes
+the gathers:
+  v32:    NoPE 512 B = two 256 B copies, RoPE 128 B, scales: a 128 B window of the 1-D view
+          of all scales starting at the token's 4 fp32 (32 fp32; the token's are the first 4);
   model1: NoPE 448 B = two overlapping 256 B copies (bytes [0, 256) and [192, 448), both
           inside the token, so no other token's bytes are fetched; tiles 4-6 sit at SMEM
-          columns 320-511), RoPE 128 B, scales: a 128 B window from the token's 7 ue8m0
-          bytes.
+          columns 320-511), RoPE 128 B, scales: a 128 B window of the 1-D scale view from
+          the token's 7 ue8m0 bytes (a window past the end is zero-filled by TMA).
   The scale windows over-fetch: DRAM moves the 32 B sectors the window touches (4-5)
   instead of one, ~+100 B per token.  Bytes per token actually read: v32 ~656 + 96 = 752,
   model1 ~584 + 112 = 696.  (Fix for later: a cache layout with each token's scales beside
@@ -59,25 +63,37 @@ Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``):
   The output reuses Q's buffer (Q is dead after the last QK^T).
 
 Expected fraction of roofline (unmeasured: no GPU was lent; arithmetic, H200 = 4.3 TB/s
-copy, ~790 TFLOP/s bf16).  FlashMLA's V32 shape (b 128, s_q 2, h 128, top-k 2048): FLOPs =
-2 x 128 x 2 x 128 x 2048 x (576 + 512) = 292 GFLOP; bytes = 256 rows x 2048 x 752 B x 2 head
-blocks (the second from L2, so ~1x from DRAM) = 394 MB -> 92 us at 4.3 TB/s, vs 370 us of
-tensor-core time at 790 TFLOP/s: compute-bound, so the bound is the wgmma rate.  This
-design overlaps the gathers with compute but serialises dequant (producer) against the
-wgmmas (consumer) through a single bf16 stage, runs one consumer warpgroup per CTA
-(FlashMLA uses two, splitting the value columns) and issues 64 x 3-4 TMA copies per tile
-from one warpgroup; we expect 25-40 % of the bf16 peak, ~200-320 TFLOP/s on H200, against
-the issue's 330 TFLOP/s target — unmeasured.  At small batch the grid (b x s_q x h_q/64
-CTAs) under-fills 132 SMs and there is no split-KV here yet, so expect far less there.
+copy, ~790 TFLOP/s bf16, 132 SMs at ~1.9 GHz).  FlashMLA's V32 shape (b 128, s_q 2, h 128,
+top-k 2048): FLOPs = 2 x 256 rows x 128 heads x 2048 x (576 + 512) = 146 GFLOP; bytes =
+256 rows x 2048 x 752 B (the second head block's re-read mostly from L2) = 394 MB -> 92 us at
+4.3 TB/s, vs 185 us of tensor-core time at 790 TFLOP/s: compute-bound.  Per 64x64 tile and
+CTA (one CTA per SM: ~206 KB of shared memory):
+  consumer: wgmmas of 2 x 64 x 64 x 1088 = 8.9 MFLOP -> ~1.5 us at 790/132 TFLOP/s per SM;
+  producer: dequant = reading the raw stages with 8-way bank conflicts (~4K shared-memory
+            wavefronts for the 32 KB of codes, ~1K for RoPE and scales) plus ~1K for the
+            swizzled bf16 stores -> ~3 us; then issuing the next tile's 64 x 5 TMA copies
+            from one thread, ~1-3 us, overlapped with the consumer's wgmmas.
+With one bf16 stage the consumer waits for each dequant: ~4.5-6 us per tile, i.e. 25-33 %
+of the bf16 peak, ~200-260 TFLOP/s, under the issue's 330 TFLOP/s target -- unmeasured.  The
+levers, in order: conflict-free raw loads (a register layout whose lanes read 16 B along a
+token row, or a swizzled raw stage written by TMA), which brings the dequant under the
+wgmma time; a second bf16 stage (needs the 74 KB that Q residency takes, e.g. Q in two
+64-head halves re-read from L2) so dequant overlaps the wgmmas; gathers spread over the
+producer's 128 threads.  At small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132
+SMs and there is no split-KV here yet, so expect far less there.
 
-Status of the CUDA lowering (checked with ``jax.export(..., platforms=["cuda"])``, no GPU):
-the TMA gathers, barriers, the consumer's wgmmas and online softmax lower; the producer's
-dequantisation (register loads from the row-major raw stages) does not yet get through
-Mosaic GPU's layout inference on jax 0.11.2 ("Failed to infer a possible set of layouts"
-with explicit WGMMA layouts; an unbounded search without the explicit row-major tiling of
-the raw stages).  So today this kernel runs in GPU interpret mode only; the next step is a
-dequant that loads each raw stage in a layout Mosaic GPU can transfer (e.g. the 8-bit
-wgmma layout) or fp8 wgmma with the scales applied to the logits and to P.
+CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1.5 s per
+geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register array
+has the layout we give it (``plgpu.Layout.WGMMA`` tiles, its row/column reductions for
+per-token and per-head vectors) instead of the Warpgroup semantics' layout search, which
+finds no assignment for the dequantisation on jax 0.11.2.  The raw FP8/RoPE/scale stages
+are untransformed row-major shared memory (a multi-row tiling would forbid one-row TMA
+copies), and they are read into the wgmma layout with ``optimized=False``: a token row is
+512 B, so the 8 rows a warp reads in that layout fall in the same banks (8-way conflicts;
+Mosaic GPU refuses the load unless told to accept them).  The output leaves through TMA in
+groups of 8 rows when d_v < d (only those are contiguous in the tiled buffer).  What this
+does not check: ptxas (registers, spills) and the run itself; the GPU check script runs
+``tests/test_kernel_gpu.py``, which compiles and runs this kernel first.
 
 Tested on CPU in GPU interpret mode (``plgpu.InterpretGPUParams``), which simulates shared
 memory, TMA, mbarriers, wgmma and warpgroup races.  Letter key: R query rows (b * s_q), N
