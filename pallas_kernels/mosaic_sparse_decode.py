@@ -68,30 +68,35 @@ top-k 2048): FLOPs = 2 x 256 rows x 128 heads x 2048 x (576 + 512) = 146 GFLOP; 
 256 rows x 2048 x 752 B (the second head block's re-read mostly from L2) = 394 MB -> 92 us at
 4.3 TB/s, vs 185 us of tensor-core time at 790 TFLOP/s: compute-bound.  Per 64x64 tile and
 CTA (one CTA per SM: ~206 KB of shared memory):
-  consumer: wgmmas of 2 x 64 x 64 x 1088 = 8.9 MFLOP -> ~1.5 us at 790/132 TFLOP/s per SM;
-  producer: dequant = reading the raw stages with 8-way bank conflicts (~4K shared-memory
-            wavefronts for the 32 KB of codes, ~1K for RoPE and scales) plus ~1K for the
-            swizzled bf16 stores -> ~3 us; then issuing the next tile's 64 x 5 TMA copies
-            from one thread, ~1-3 us, overlapped with the consumer's wgmmas.
-With one bf16 stage the consumer waits for each dequant: ~4.5-6 us per tile, i.e. 25-33 %
-of the bf16 peak, ~200-260 TFLOP/s, under the issue's 330 TFLOP/s target -- unmeasured.  The
-levers, in order: conflict-free raw loads (a register layout whose lanes read 16 B along a
-token row, or a swizzled raw stage written by TMA), which brings the dequant under the
-wgmma time; a second bf16 stage (needs the 74 KB that Q residency takes, e.g. Q in two
-64-head halves re-read from L2) so dequant overlaps the wgmmas; gathers spread over the
-producer's 128 threads.  At small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132
-SMs and there is no split-KV here yet, so expect far less there.
+  consumer: wgmmas of 2 x 64 x 64 x 1088 = 8.9 MFLOP -> ~1.5 us at 790/132 TFLOP/s per SM,
+            plus the softmax on 64 x 64 logits (32 exp per thread);
+  producer: dequant = reading the raw stages (32 KB of codes in 8-byte lane loads, 2-way
+            bank conflicts: ~0.5K shared-memory wavefronts; RoPE and scales ~0.1K) plus
+            ~0.6K for the swizzled bf16 stores and ~32K fp8->fp32->bf16 conversions
+            (~1K cycles) -> ~1-1.2 us; then issuing the next tile's 64 x 5 TMA copies from
+            one thread, ~1-3 us, overlapped with the consumer's wgmmas.
+With one bf16 stage the consumer waits for each dequant: ~2.6-4 us per tile, i.e. 35-55 %
+of the bf16 peak, ~280-430 TFLOP/s, around the issue's 330 TFLOP/s target -- unmeasured.
+The levers, in order: a second bf16 stage (needs the 74 KB that Q residency takes, e.g. Q
+in two 64-head halves re-read from L2) so dequant overlaps the wgmmas; gathers spread over
+the producer's 128 threads instead of one thread issuing 320 TMA copies per tile;
+conflict-free code loads (16-byte lane loads are conflict-free, but their 32-byte bf16
+vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that store).  At small
+batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV here
+yet, so expect far less there.
 
 CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1.5 s per
 geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register array
-has the layout we give it (``plgpu.Layout.WGMMA`` tiles, its row/column reductions for
-per-token and per-head vectors) instead of the Warpgroup semantics' layout search, which
+has the layout we give it (the consumer's tiles in ``plgpu.Layout.WGMMA``, the producer's
+in ``_raw_layout``, per-head and per-token vectors in their reductions) instead of the Warpgroup semantics' layout search, which
 finds no assignment for the dequantisation on jax 0.11.2.  The raw FP8/RoPE/scale stages
 are untransformed row-major shared memory (a multi-row tiling would forbid one-row TMA
-copies), and they are read into the wgmma layout with ``optimized=False``: a token row is
-512 B, so the 8 rows a warp reads in that layout fall in the same banks (8-way conflicts;
-Mosaic GPU refuses the load unless told to accept them).  The output leaves through TMA in
-groups of 8 rows when d_v < d (only those are contiguous in the tiled buffer).  What this
+copies), read in [64, 64] pieces into a register layout of our own (``_raw_layout``: a
+lane holds 8 consecutive elements of one token row, a warp 4 rows): RoPE loads are then
+bank-conflict-free (Mosaic GPU checks it), code loads 2-way conflicted (a warp reads 4
+rows x 64 B of 512-byte rows; Mosaic GPU accepts it only with ``optimized=False``), where
+the wgmma register layout would read 8 rows x 2 B (8-way).  The output leaves through TMA
+in groups of 8 rows when d_v < d (only those are contiguous in the tiled buffer).  What this
 does not check: ptxas (registers, spills) and the run itself; the GPU check script runs
 ``tests/test_kernel_gpu.py``, which compiles and runs this kernel first.
 
@@ -108,6 +113,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 
 from pallas_kernels import cache_view
 from pallas_kernels.fp8_cache import D_ROPE, KCache, require
@@ -132,6 +138,14 @@ def _nope_smem_col(fmt: str, t: int, width: int) -> int:
   # model1 tiles 4..6 (bytes 256..447) were copied by the second window to SMEM 256 + (b - 192).
   col = t * width
   return col if (fmt == "v32" or col < 256) else col + 64
+
+
+def _raw_layout(cols: int):
+  """Register layout of a [64, cols] piece of a row-major raw stage: 4 warps x 16 token
+  rows; in a warp, 4 rows x 8 lanes, each lane holding cols/8 consecutive elements."""
+  return plgpu.Layout.TILED(
+      mgpu_fa.Tiling(((BLOCK_K, cols), (16, cols), (4, cols), (cols // 8,))),
+      warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
 
 
 def _stage(c, n: int):
@@ -214,39 +228,48 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       cc = jnp.where(is_main, c, c - n_main)
       clen = jnp.where(is_main, length, elength) if has_extra else length
       rows = jnp.where(is_main, n_main_rows, n_extra_rows) if has_extra else n_main_rows
-      tile_l, row_l = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+      # Explicit register layouts (Lane semantics): [64, 64] pieces in ``_RAW_TILE``, whose
+      # lanes read 8 consecutive elements along a token row, so a warp's load touches 4 rows
+      # x 64 B (codes) or 4 x 128 B (RoPE) instead of wgmma's 8 rows x 4 B; per-token
+      # vectors in its row reduction.
+      tile_l, win_l = _raw_layout(64), _raw_layout(8)
+      row_l = tile_l.reduce(1)
+      T = lambda x: plgpu.layout_cast(x, tile_l)
+      R = lambda x: plgpu.layout_cast(x, row_l)
       idx_K = plgpu.load(idx_smem.at[rs], layout=row_l)
       pos_K = cc * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=row_l)
       valid_K = (idx_K >= 0) & (idx_K < rows) & (pos_K < clen)
       if brk == "drop_key":
         valid_K = valid_K & (pos_K % BLOCK_K != 1)
-      # Explicit layouts throughout (Mosaic GPU's layout search does not finish otherwise):
-      # [64, w] tiles in the wgmma register layout, per-token vectors in its row layout.
-      T = lambda x: plgpu.layout_cast(x, tile_l)
-      R = lambda x: plgpu.layout_cast(x, row_l)
       valid_K = R(valid_K)
-      win = plgpu.load(sc_raw.at[rs], layout=tile_l, optimized=False)
-      win = T(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
-      col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=tile_l)
-      raw = plgpu.load(nope_raw.at[rs], layout=tile_l, optimized=False)
-      for t in range(d_nope // width):
-        c0 = _nope_smem_col(fmt, t, width)
-        codes = T(T(raw[:, c0:c0 + width]).astype(jnp.float32))
-        picked = T(jnp.where(col == t, win, jnp.zeros_like(win)))
-        if fmt == "v32":
-          s_K = R(jnp.sum(picked, axis=1))
-        else:
-          e_K = R(jnp.sum(picked, axis=1))
-          s_K = R(lax.bitcast_convert_type(e_K << 23, jnp.float32))
-          s_K = R(jnp.where(e_K == 255, jnp.full_like(s_K, jnp.nan), s_K))
+      # The token's scales are the first 4 fp32 / 7 bytes of its window.
+      W = lambda x: plgpu.layout_cast(x, win_l)
+      win = plgpu.load(sc_raw.at[rs, :, pl.ds(0, 8)], layout=win_l, optimized=False)
+      win = W(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
+      col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=win_l)
+      scales = {}
+      for p in range(d_nope // 64):
+        t = p * 64 // width                       # the scale tile of this 64-column piece
+        if t not in scales:
+          picked = W(jnp.where(col == t, win, jnp.zeros_like(win)))
+          if fmt == "v32":
+            s_K = R(jnp.sum(picked, axis=1))
+          else:
+            e_K = R(jnp.sum(picked, axis=1))
+            s_K = R(lax.bitcast_convert_type(e_K << 23, jnp.float32))
+            s_K = R(jnp.where(e_K == 255, jnp.full_like(s_K, jnp.nan), s_K))
+          scales[t] = T(lax.broadcast_in_dim(s_K, (BLOCK_K, 64), [0]))
+        c0 = _nope_smem_col(fmt, p, 64)
+        codes = T(T(plgpu.load(nope_raw.at[rs, :, pl.ds(c0, 64)], layout=tile_l,
+                               optimized=False)).astype(jnp.float32))
         # Exact: e4m3 codes and power-of-two scales (v32 bf16(fp32(q)*s); model1
         # bf16(bf16(q)*bf16(s)) gives the same bits since both factors are exact in bf16).
         # Invalid tokens are zeroed with a select: their bytes (even NaN) never reach a dot.
-        k_KW = T(codes * T(lax.broadcast_in_dim(s_K, codes.shape, [0])))
+        k_KW = T(codes * scales[t])
         k_KW = T(jnp.where(T(lax.broadcast_in_dim(valid_K, codes.shape, [0])), k_KW,
                            jnp.zeros_like(k_KW)))
-        kbf[ks, :, pl.ds(t * width, width)] = T(k_KW.astype(jnp.bfloat16))
-      rope = T(plgpu.load(rope_raw.at[rs], layout=tile_l, optimized=False))
+        kbf[ks, :, pl.ds(p * 64, 64)] = T(k_KW.astype(jnp.bfloat16))
+      rope = T(plgpu.load(rope_raw.at[rs], layout=tile_l))
       kbf[ks, :, pl.ds(d_nope, D_ROPE)] = T(jnp.where(
           T(lax.broadcast_in_dim(valid_K, rope.shape, [0])), rope, jnp.zeros_like(rope)))
       bias_smem[ks] = R(jnp.where(valid_K, jnp.zeros(valid_K.shape, jnp.float32),
