@@ -447,6 +447,8 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
     interpret = jax.default_backend() == "cpu"
   if isinstance(interpret, plgpu.InterpretGPUParams):
     return interpret
+  require(isinstance(interpret, bool),
+          f"interpret={interpret!r}: expected None, a bool or plgpu.InterpretGPUParams")
   return plgpu.InterpretGPUParams() if interpret else None
 
 

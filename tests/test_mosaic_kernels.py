@@ -151,6 +151,8 @@ def test_mosaic_bad_input():
     pk.sparse_decode(q, cache, idx, head_dim_v=256, impl="mosaic")
   with pytest.raises(ValueError, match="impl='mosaic' reads a KCache"):
     pk.sparse_decode(q, cache.to_packed_bytes(), idx, head_dim_v=DV, impl="mosaic")
+  with pytest.raises(ValueError, match="interpret='yes': expected"):
+    pk.sparse_decode(q, cache, idx, head_dim_v=DV, impl="mosaic", interpret="yes")
   with pytest.raises(ValueError, match="impl='bogus'"):
     pk.sparse_decode(q, cache, idx, head_dim_v=DV, impl="bogus")
 
