@@ -123,7 +123,7 @@ BLOCK_K = 64            # tokens per tile (wgmma K of P V must be a multiple of 
 RAW_STAGES = 1
 K_STAGES = 1
 SMEM_LIMIT = 227 * 1024
-V_CHUNK = 256          # wgmma N <= 256: the 512 value columns are two accumulators
+V_CHUNK = 256          # value columns per consumer warpgroup (wgmma N <= 256)
 _WINDOW = 128           # bytes per TMA scale window (Mosaic GPU's TMA granularity)
 
 
@@ -165,7 +165,7 @@ def smem_bytes(fmt: str, d_v: int) -> int:
 
 def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref,
                              sc_ref, *rest, fmt, d_v, has_extra, s_q, n_main_rows,
-                             n_extra_rows, brk=None):
+                             n_extra_rows, interpreted, brk=None):
   """Kernel body: one CTA = one query row x one 64-head block (see the module notes)."""
   if has_extra:
     elens_ref, eidx_ref, enope_ref, erope_ref, esc_ref, o_ref, lse_ref = rest
@@ -184,7 +184,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   copies_per_token = len(nope_copies) + 2
 
   def scoped(q_smem, p_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem,
-             raw_bar, ready, consumed, q_bar, idx_bar):
+             raw_bar, ready, consumed, q_bar, idx_bar, fin_bar):
     wg = lax.axis_index("wg")
 
     # ------------------------------------------------------------------ producer
@@ -275,7 +275,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       bias_smem[ks] = R(jnp.where(valid_K, jnp.zeros(valid_K.shape, jnp.float32),
                                   jnp.full(valid_K.shape, -jnp.inf, jnp.float32)))
 
-    @pl.when(wg == 1)
+    @pl.when(wg == 2)
     def _producer():
       @pl.when(n_total > 0)
       def _():
@@ -302,13 +302,22 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       def _drain(c):
         plgpu.barrier_wait(consumed.at[_stage(c, K_STAGES)])
 
-    # ------------------------------------------------------------------ consumer
-    @pl.when(wg == 0)
-    def _consumer():
-      plgpu.copy_gmem_to_smem(q_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)], q_smem, q_bar)
-      plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0], q_bar)
+    # ------------------------------------------------------------------ consumers
+    # Two warpgroups w = 0, 1 each accumulate value columns [256w, 256w + 256): one 64 x 256
+    # fp32 accumulator each (128 registers per thread; a single consumer would need 256, over
+    # the 255-register limit).  Both compute the full 64 x 64 logits (the QK^T wgmma twice):
+    # splitting the tokens instead would have each need the other's half of P, and Mosaic
+    # GPU cannot store a 32-column half into the 128-byte-swizzled P tile that P V reads.
+    def consumer(w):
+      @pl.when(w == 0)
+      def _():
+        plgpu.copy_gmem_to_smem(q_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0],
+                                q_bar)
       plgpu.barrier_wait(q_bar)
       scale = scale_ref[0]
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      cols = pl.ds(w * V_CHUNK, V_CHUNK)
 
       def step(c, carry):
         acc, m_N, l_N = carry
@@ -327,51 +336,60 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         alpha = jnp.exp(m_N - m_safe)
         p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
         l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
-        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p16 = p_NK.astype(jnp.bfloat16)
+        if interpreted:
+          # Interpret mode simulates only shared-memory wgmma operands and no in-place
+          # accumulation (``pl.run_state`` with ``ACC.init``): P through this warpgroup's
+          # P buffer, a fresh accumulator, then added.
+          p_smem[w] = p16
+          plgpu.commit_smem()
 
-        # P V into a fresh accumulator, then added: ``pl.run_state(...)(ACC.init(acc))``
-        # (in-place accumulation, one register add fewer) is not simulated by interpret mode.
-        # P goes through shared memory (wgmma's A may come from registers on the GPU, but
-        # interpret mode simulates only shared-memory operands; 4 KB).
-        p_smem[...] = p_NK.astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        p_op = p_smem
-
-        def pv(v, pv_ref):
-          plgpu.wgmma(pv_ref, p_op, kbf.at[ks, :, pl.ds(v * V_CHUNK, V_CHUNK)])
-          return pv_ref[...]
-        acc = tuple(a + pl.run_scoped(functools.partial(pv, v),
-                                      plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
-                    for v, a in enumerate(acc))
+          def fresh(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem.at[w], kbf.at[ks, :, cols])
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
+        else:                          # P from registers, accumulated in place
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, kbf.at[ks, :, cols])
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(consumed.at[ks])
         return acc, m_new, l_N
 
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      init = (tuple(plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32),
-                                      plgpu.Layout.WGMMA) for _ in range(d_v // V_CHUNK)),
+      init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
               plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), row_layout))
       acc, m_N, l_N = lax.fori_loop(0, n_total, step, init)
 
+      # After this barrier no warpgroup reads Q any more, so the output may reuse it.
+      plgpu.barrier_arrive(fin_bar)
+      plgpu.barrier_wait(fin_bar)
       live = l_N > 0
       l_safe = jnp.where(live, l_N, 1.0)
       lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
       sink = plgpu.load(vec_smem.at[0], layout=row_layout)
       factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
-      for v, a in enumerate(acc):
-        out = a * lax.broadcast_in_dim(factor, a.shape, [0])
-        q_smem[:, pl.ds(v * V_CHUNK, V_CHUNK)] = out.astype(jnp.bfloat16)
-      vec_smem[1] = jnp.where(live, lse, jnp.inf)
+      out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
+      q_smem[:, cols] = out.astype(jnp.bfloat16)
+
+      @pl.when(w == 0)
+      def _():
+        vec_smem[1] = jnp.where(live, lse, jnp.inf)
       plgpu.commit_smem()
-      # TMA needs a contiguous shared-memory source: with d_v < d the first d_v columns of
-      # the (8, 64)-tiled buffer are contiguous only within each group of 8 rows.
-      n_grp = 1 if d_v == d else BLOCK_H // 8
-      for g in range(n_grp):
-        rows_g = pl.ds(g * (BLOCK_H // n_grp), BLOCK_H // n_grp)
-        plgpu.copy_smem_to_gmem(q_smem.at[rows_g, pl.ds(0, d_v)],
-                                o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)].at[rows_g])
-      plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
+      # TMA needs a contiguous shared-memory source: 256 columns of the (8, 64)-tiled buffer
+      # are contiguous only within each group of 8 rows.
+      for g in range(BLOCK_H // 8):
+        rows_g = pl.ds(g * 8, 8)
+        plgpu.copy_smem_to_gmem(q_smem.at[rows_g, cols],
+                                o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)].at[rows_g, cols])
+
+      @pl.when(w == 0)
+      def _():
+        plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
       plgpu.wait_smem_to_gmem(0)
+
+    for w in range(2):                 # static w: static shared-memory slices
+      pl.when(wg == w)(functools.partial(consumer, w))
 
   swz = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   sc_dtype = sc_ref.dtype
@@ -379,7 +397,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_H, d), jnp.bfloat16, transforms=swz),
-      plgpu.SMEM((BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),
+      # P, per consumer warpgroup (interpret mode only; on the GPU P stays in registers).
+      plgpu.SMEM((2 if interpreted else 1, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),
       plgpu.SMEM((K_STAGES, BLOCK_K, d), jnp.bfloat16, transforms=swz),
       # Raw stages are plain row-major (no transforms): each token row is written by its
       # own TMA copy, which a multi-row tiling would not allow.
@@ -391,9 +410,10 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       plgpu.SMEM((2, BLOCK_H), jnp.float32),
       plgpu.Barrier(num_arrivals=BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
       plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
-      plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
+      plgpu.Barrier(num_arrivals=2, num_barriers=K_STAGES),   # both consumers
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=2),
       collective_axes="wg")
 
 
@@ -484,13 +504,14 @@ def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=No
     operands += [extra_topk_length, _pad_topk(extra_indices, rows), *_flat(extra_cache)]
   kernel = functools.partial(
       sparse_decode_mla_mosaic, fmt=cache.fmt, d_v=head_dim_v, brk=_break,
+      interpreted=interpret is not None,
       has_extra=has_extra, s_q=s_q,
       n_main_rows=cache.num_tokens, n_extra_rows=extra_cache.num_tokens if has_extra else 0)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((rows, hp, head_dim_v), jnp.bfloat16),
                 jax.ShapeDtypeStruct((rows, hp), jnp.float32)),
-      grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=2, thread_name="wg",
+      grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret)(*operands)
   out = out[:, :h_q].reshape(b, s_q, h_q, head_dim_v)
