@@ -158,9 +158,8 @@ def smem_bytes(fmt: str, d_v: int) -> int:
   q = BLOCK_H * d * 2
   k = K_STAGES * BLOCK_K * d * 2
   raw = RAW_STAGES * BLOCK_K * (512 + 2 * D_ROPE + _WINDOW)
-  p = BLOCK_H * BLOCK_K * 2
   small = RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 2 * BLOCK_H * 4
-  return q + k + raw + p + small
+  return q + k + raw + small           # on the GPU P stays in registers: no P buffer
 
 
 def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref,
@@ -183,8 +182,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
     n_total = n_main + (elength + BLOCK_K - 1) // BLOCK_K
   copies_per_token = len(nope_copies) + 2
 
-  def scoped(q_smem, p_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem,
-             raw_bar, ready, consumed, q_bar, idx_bar, fin_bar):
+  def scoped(q_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem, raw_bar,
+             ready, consumed, q_bar, idx_bar, fin_bar, p_smem=None):
     wg = lax.axis_index("wg")
 
     # ------------------------------------------------------------------ producer
@@ -397,8 +396,6 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_H, d), jnp.bfloat16, transforms=swz),
-      # P, per consumer warpgroup (interpret mode only; on the GPU P stays in registers).
-      plgpu.SMEM((2 if interpreted else 1, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),
       plgpu.SMEM((K_STAGES, BLOCK_K, d), jnp.bfloat16, transforms=swz),
       # Raw stages are plain row-major (no transforms): each token row is written by its
       # own TMA copy, which a multi-row tiling would not allow.
@@ -414,6 +411,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(num_arrivals=1),
       plgpu.Barrier(num_arrivals=2),
+      # P, one per consumer warpgroup, in interpret mode only (on the GPU P stays in registers).
+      *([plgpu.SMEM((2, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz)] if interpreted else []),
       collective_axes="wg")
 
 
