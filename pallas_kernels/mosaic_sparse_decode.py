@@ -9,25 +9,34 @@ the optional extra cache, attention sink, ``topk_length`` / ``extra_topk_length`
 Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Triton tiling):
 
   * One CTA per (query row, 64-head block): grid ``(b * s_q, ceil(h_q / 64))``, heads padded
-    to 64 (wgmma's M).  Two warpgroups (``num_threads=2``):
-      - warpgroup 1, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
+    to 64 (wgmma's M).  Three warpgroups (``num_threads=3``):
+      - warpgroup 2, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
         shared-memory stages, then dequantises each tile on chip (registers) into a bf16
         K tile in swizzled shared memory, zeroing invalid tokens, and signals "ready";
-      - warpgroup 0, the consumer: keeps its 64 query heads resident in shared memory (one
-        TMA at the start), and per K tile runs ``S = Q K^T`` (one wgmma, K = d_qk), the
-        online softmax in fp32 registers, and ``O += P V`` (two wgmmas of N = 256, the
-        value being the first 512 columns of the same bf16 tile: one load serves both).
+      - warpgroups 0 and 1, the consumers: the 64 query heads stay resident in shared
+        memory (one TMA at the start); per K tile each runs ``S = Q K^T`` (one wgmma,
+        K = d_qk), the online softmax in fp32 registers, and ``O += P V`` for its own 256
+        of the 512 value columns (the value is the first 512 columns of the same bf16
+        tile: one load serves both products).  Each holds one 64 x 256 fp32 accumulator,
+        128 registers per thread; one consumer with both halves would need 256, over the
+        255-register limit.  Both compute the whole S (the QK^T wgmma runs twice, +53 % of
+        the tile's tensor work): with the tokens split instead, each would need the
+        other's half of P, and Mosaic GPU cannot store a 32-column half into the
+        128-byte-swizzled tile P V reads (nor mix a 64-byte-swizzled P with that V).
     The dequantised cache never exists in HBM: each tile lives in shared memory only.
   * Pipeline: one raw (FP8) stage and one bf16 stage: the producer issues the gathers of
-    tile c+1 as soon as tile c is dequantised, so they are in flight while the consumer
-    runs tile c's two wgmmas; it waits on a "consumed" barrier before dequantising into
-    the bf16 stage again.  Main-cache tiles then extra-cache tiles form one chunk list.
-    (Two stages of each do not fit in 227 KB at BLOCK_K = 64 with Q resident; see below.)
+    tile c+1 as soon as tile c is dequantised, so they are in flight while the consumers
+    run tile c's wgmmas; it waits on a "consumed" barrier (both consumers arrive) before
+    dequantising into the bf16 stage again.  Main-cache tiles then extra-cache tiles form
+    one chunk list.  (Two bf16 stages do not fit in 227 KB with Q resident; see below.)
   * Tile: BLOCK_K = 64 tokens, 64 heads.  wgmma shapes: QK^T m64 n64 k576 (v32) / k512
-    (model1); P V m64 n256 k64, twice (wgmma's N is at most 256, so the 512 value columns
-    are two fp32 accumulators of 64 x 256).  K = 64 for P V is Mosaic GPU's minimum for
-    bf16 (which is why the tile is 64 tokens, as FlashMLA's).  P is staged through shared
-    memory (8 KB): interpret mode simulates only shared-memory wgmma operands.
+    (model1), per consumer; P V m64 n256 k64 per consumer.  K = 64 for P V: P's 64 bf16
+    columns are one 128-byte swizzle row, the swizzle of the V tile (Mosaic GPU needs
+    both operands' swizzles equal), which is why the tile is 64 tokens, as FlashMLA's.
+    On the GPU P is wgmma's register operand and P V accumulates in place
+    (``pl.run_state`` with ``ACC.init``); interpret mode simulates neither, so there P
+    goes through a shared-memory buffer per consumer and P V into a fresh accumulator
+    (``interpreted``; the CUDA-lowering test covers the GPU branch).
   * h_q = 128 runs as two CTAs of 64 heads that are neighbours in the grid (the head-block
     axis is the fastest), so the second one's gathers of the same tokens hit L2; a single
     CTA holding 128 heads of a 576-dim query (147 KB) plus its K stage does not fit in
@@ -39,7 +48,7 @@ gather (``cp.async.bulk.tensor`` gather4 is Blackwell-only; Mosaic GPU's indexed
 per token row, or ``cp.async`` (Mosaic GPU uses it only below sm_90 and then without
 barriers).  We issue one TMA copy per token and array, all completing on one mbarrier
 (its arrival count = the number of copies), so the producer never blocks per token and the
-consumer sees a whole tile through one wait.  The tile's 64 indices come first, by one TMA
+consumers see a whole tile through one wait.  The tile's 64 indices come first, by one TMA
 copy into shared memory on their own barrier, so the token loop reads each index from SMEM
 (~30 cycles) rather than from global memory (~600 cycles, serialised before every issue).
 Mosaic GPU requires each TMA copy to move a multiple of 128 bytes, at most 256 elements per
@@ -56,48 +65,52 @@ the gathers:
   model1 ~584 + 112 = 696.  (Fix for later: a cache layout with each token's scales beside
   its RoPE, as one 128 B-multiple row.)
 
-Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``):
+Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``; on the GPU):
   v32:    Q 64x576x2 = 73.7 KB; bf16 K 64x576x2 = 73.7 KB; raw 64 x (512 + 128 + 128)
-          = 49.2 KB; P 8 KB; index/bias/sink/lse 1 KB  ->  ~206 KB  (<= 227 KB)
-  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; P 8 KB; 1 KB  ->  ~189 KB
-  The output reuses Q's buffer (Q is dead after the last QK^T).
+          = 49.2 KB; index/bias/sink/lse 1 KB  ->  197.6 KB  (<= 227 KB)
+  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; 1 KB  ->  181.2 KB
+  The output reuses Q's buffer (after a barrier that both consumers pass once their last
+  QK^T is done).
 
 Expected fraction of roofline (unmeasured: no GPU was lent; arithmetic, H200 = 4.3 TB/s
 copy, ~790 TFLOP/s bf16, 132 SMs at ~1.9 GHz).  FlashMLA's V32 shape (b 128, s_q 2, h 128,
 top-k 2048): FLOPs = 2 x 256 rows x 128 heads x 2048 x (576 + 512) = 146 GFLOP; bytes =
 256 rows x 2048 x 752 B (the second head block's re-read mostly from L2) = 394 MB -> 92 us at
 4.3 TB/s, vs 185 us of tensor-core time at 790 TFLOP/s: compute-bound.  Per 64x64 tile and
-CTA (one CTA per SM: ~206 KB of shared memory):
-  consumer: wgmmas of 2 x 64 x 64 x 1088 = 8.9 MFLOP -> ~1.5 us at 790/132 TFLOP/s per SM,
-            plus the softmax on 64 x 64 logits (32 exp per thread);
+CTA (one CTA per SM: 198 KB of shared memory):
+  consumers: wgmmas of 2 x 64 x 64 x 1088 = 8.9 MFLOP useful, 13.6 MFLOP issued (QK^T
+            twice) -> ~2.3 us at 790/132 TFLOP/s per SM, plus the softmax on 64 x 64
+            logits (32 exp per thread, per consumer);
   producer: dequant = reading the raw stages (32 KB of codes in 8-byte lane loads, 2-way
             bank conflicts: ~0.5K shared-memory wavefronts; RoPE and scales ~0.1K) plus
             ~0.6K for the swizzled bf16 stores and ~32K fp8->fp32->bf16 conversions
             (~1K cycles) -> ~1-1.2 us; then issuing the next tile's 64 x 5 TMA copies from
-            one thread, ~1-3 us, overlapped with the consumer's wgmmas.
-With one bf16 stage the consumer waits for each dequant: ~2.6-4 us per tile, i.e. 35-55 %
-of the bf16 peak, ~280-430 TFLOP/s, around the issue's 330 TFLOP/s target -- unmeasured.
+            one thread, ~1-3 us, overlapped with the consumers' wgmmas.
+With one bf16 stage the consumers wait for each dequant: ~3.4-4.5 us per tile, i.e. 33-44 %
+of the bf16 peak, ~260-345 TFLOP/s, around the issue's 330 TFLOP/s target -- unmeasured.
 The levers, in order: a second bf16 stage (needs the 74 KB that Q residency takes, e.g. Q
-in two 64-head halves re-read from L2) so dequant overlaps the wgmmas; gathers spread over
-the producer's 128 threads instead of one thread issuing 320 TMA copies per tile;
-conflict-free code loads (16-byte lane loads are conflict-free, but their 32-byte bf16
-vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that store).  At small
-batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV here
-yet, so expect far less there.
+in two 64-head halves re-read from L2) so dequant overlaps the wgmmas; QK^T once (split
+the tokens between the consumers and exchange P through a layout Mosaic GPU can store);
+gathers spread over the producer's 128 threads instead of one thread issuing 320 TMA
+copies per tile; conflict-free code loads (16-byte lane loads are conflict-free, but their
+32-byte bf16 vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that
+store).  At small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is
+no split-KV here yet, so expect far less there.
 
-CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1.5 s per
-geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register array
-has the layout we give it (the consumer's tiles in ``plgpu.Layout.WGMMA``, the producer's
-in ``_raw_layout``, per-head and per-token vectors in their reductions) instead of the Warpgroup semantics' layout search, which
-finds no assignment for the dequantisation on jax 0.11.2.  The raw FP8/RoPE/scale stages
+CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1 s per
+geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
+array has the layout we give it (the consumers' tiles in ``plgpu.Layout.WGMMA``, the
+producer's in ``_raw_layout``, per-head and per-token vectors in their reductions) instead
+of the Warpgroup semantics' layout search, which finds no assignment for the
+dequantisation on jax 0.11.2.  The raw FP8/RoPE/scale stages
 are untransformed row-major shared memory (a multi-row tiling would forbid one-row TMA
 copies), read in [64, 64] pieces into a register layout of our own (``_raw_layout``: a
 lane holds 8 consecutive elements of one token row, a warp 4 rows): RoPE loads are then
 bank-conflict-free (Mosaic GPU checks it), code loads 2-way conflicted (a warp reads 4
 rows x 64 B of 512-byte rows; Mosaic GPU accepts it only with ``optimized=False``), where
-the wgmma register layout would read 8 rows x 2 B (8-way).  The output leaves through TMA
-in groups of 8 rows when d_v < d (only those are contiguous in the tiled buffer).  What this
-does not check: ptxas (registers, spills) and the run itself; the GPU check script runs
+the wgmma register layout would read 8 rows x 2 B (8-way).  Each consumer's 256 output
+columns leave through TMA in groups of 8 rows (only those are contiguous in the tiled
+buffer).  What this does not check: ptxas (registers, spills) and the run itself; the GPU check script runs
 ``tests/test_kernel_gpu.py``, which compiles and runs this kernel first.
 
 Tested on CPU in GPU interpret mode (``plgpu.InterpretGPUParams``), which simulates shared
