@@ -171,8 +171,9 @@ def smem_bytes(fmt: str, d_v: int) -> int:
   q = BLOCK_H * d * 2
   k = K_STAGES * BLOCK_K * d * 2
   raw = RAW_STAGES * BLOCK_K * (512 + 2 * D_ROPE + _WINDOW)
-  small = RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 2 * BLOCK_H * 4
-  return q + k + raw + small           # on the GPU P stays in registers: no P buffer
+  p = 2 * BLOCK_H * BLOCK_K * 2
+  small = RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 5 * BLOCK_H * 4
+  return q + p + k + raw + small
 
 
 def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref,
@@ -195,8 +196,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
     n_total = n_main + (elength + BLOCK_K - 1) // BLOCK_K
   copies_per_token = len(nope_copies) + 2
 
-  def scoped(q_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem, raw_bar,
-             ready, consumed, q_bar, idx_bar, fin_bar, p_smem=None):
+  def scoped(q_smem, p_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem,
+             alpha_smem, raw_bar, ready, consumed, q_bar, idx_bar, p_bar, fin_bar):
     wg = lax.axis_index("wg")
 
     # ------------------------------------------------------------------ producer
@@ -317,76 +318,83 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
     # ------------------------------------------------------------------ consumers
     # Two warpgroups w = 0, 1 each accumulate value columns [256w, 256w + 256): one 64 x 256
     # fp32 accumulator each (128 registers per thread; a single consumer would need 256, over
-    # the 255-register limit).  Both compute the full 64 x 64 logits (the QK^T wgmma twice):
-    # splitting the tokens instead would have each need the other's half of P, and Mosaic
-    # GPU cannot store a 32-column half into the 128-byte-swizzled P tile that P V reads.
+    # the 255-register limit).  Warpgroup 0 also computes the logits and the softmax and
+    # hands P and the rescale factors to warpgroup 1 through shared memory (slot c % 2:
+    # warpgroup 0 writes slot c + 1 while warpgroup 1 may still read slot c; it reaches slot
+    # c again only after both consumers released tile c + 1).
     def consumer(w):
-      @pl.when(w == 0)
-      def _():
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      cols = pl.ds(w * V_CHUNK, V_CHUNK)
+      if w == 0:
         plgpu.copy_gmem_to_smem(q_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0],
                                 q_bar)
-      plgpu.barrier_wait(q_bar)
-      scale = scale_ref[0]
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      cols = pl.ds(w * V_CHUNK, V_CHUNK)
+        plgpu.barrier_wait(q_bar)
+        scale = scale_ref[0]
 
       def step(c, carry):
         acc, m_N, l_N = carry
-        ks = _stage(c, K_STAGES)
+        ks, par = _stage(c, K_STAGES), c % 2
         if brk != "no_barrier":
           plgpu.barrier_wait(ready.at[ks])
-
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
-          return acc_ref[...]
-        s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
-        bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
-        s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
-        m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # nothing seen yet: no inf - inf
-        alpha = jnp.exp(m_N - m_safe)
-        p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
-        l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
+        if w == 0:
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
+            return acc_ref[...]
+          s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
+          bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
+          s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
+          m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
+          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # nothing seen yet: no inf - inf
+          alpha = jnp.exp(m_N - m_safe)
+          p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
+          l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
+          m_N = m_new
+          p_smem[par] = p_NK.astype(jnp.bfloat16)
+          alpha_smem[par] = alpha
+          plgpu.commit_smem()            # visible to wgmma and to warpgroup 1
+          plgpu.barrier_arrive(p_bar)
+        else:
+          plgpu.barrier_wait(p_bar)
+          alpha = plgpu.load(alpha_smem.at[par], layout=row_layout)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p16 = p_NK.astype(jnp.bfloat16)
-        if interpreted:
-          # Interpret mode simulates only shared-memory wgmma operands and no in-place
-          # accumulation (``pl.run_state`` with ``ACC.init``): P through this warpgroup's
-          # P buffer, a fresh accumulator, then added.
-          p_smem[w] = p16
-          plgpu.commit_smem()
 
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_smem.at[par], kbf.at[ks, :, cols])
+        if interpreted:
+          # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
+          # ``ACC.init``): a fresh accumulator, then added.
           def fresh(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem.at[w], kbf.at[ks, :, cols])
+            pv(acc_ref)
             return acc_ref[...]
           acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
-        else:                          # P from registers, accumulated in place
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, kbf.at[ks, :, cols])
+        else:                          # in place: no second 128-register accumulator
           acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(consumed.at[ks])
-        return acc, m_new, l_N
+        return acc, m_N, l_N
 
       init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
               plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), row_layout))
       acc, m_N, l_N = lax.fori_loop(0, n_total, step, init)
 
-      # After this barrier no warpgroup reads Q any more, so the output may reuse it.
-      plgpu.barrier_arrive(fin_bar)
-      plgpu.barrier_wait(fin_bar)
-      live = l_N > 0
-      l_safe = jnp.where(live, l_N, 1.0)
-      lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
-      sink = plgpu.load(vec_smem.at[0], layout=row_layout)
-      factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
+      if w == 0:
+        live = l_N > 0
+        l_safe = jnp.where(live, l_N, 1.0)
+        lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
+        sink = plgpu.load(vec_smem.at[0], layout=row_layout)
+        factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
+        vec_smem[1] = jnp.where(live, lse, jnp.inf)
+        vec_smem[2] = factor
+        plgpu.commit_smem()
+        # Q is dead from here on (its last QK^T is done): warpgroup 1 may write its half
+        # of the output into Q's buffer.
+        plgpu.barrier_arrive(fin_bar)
+      else:
+        plgpu.barrier_wait(fin_bar)
+        factor = plgpu.load(vec_smem.at[2], layout=row_layout)
       out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
       q_smem[:, cols] = out.astype(jnp.bfloat16)
-
-      @pl.when(w == 0)
-      def _():
-        vec_smem[1] = jnp.where(live, lse, jnp.inf)
       plgpu.commit_smem()
       # TMA needs a contiguous shared-memory source: 256 columns of the (8, 64)-tiled buffer
       # are contiguous only within each group of 8 rows.
@@ -394,9 +402,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         rows_g = pl.ds(g * 8, 8)
         plgpu.copy_smem_to_gmem(q_smem.at[rows_g, cols],
                                 o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)].at[rows_g, cols])
-
-      @pl.when(w == 0)
-      def _():
+      if w == 0:
         plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
       plgpu.wait_smem_to_gmem(0)
 
@@ -409,6 +415,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_H, d), jnp.bfloat16, transforms=swz),
+      plgpu.SMEM((2, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),     # P, 2 slots
       plgpu.SMEM((K_STAGES, BLOCK_K, d), jnp.bfloat16, transforms=swz),
       # Raw stages are plain row-major (no transforms): each token row is written by its
       # own TMA copy, which a multi-row tiling would not allow.
@@ -417,15 +424,15 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype),
       plgpu.SMEM((RAW_STAGES, BLOCK_K), jnp.int32),
       plgpu.SMEM((K_STAGES, BLOCK_K), jnp.float32),
-      plgpu.SMEM((2, BLOCK_H), jnp.float32),
+      plgpu.SMEM((3, BLOCK_H), jnp.float32),          # sink, lse, output factor
+      plgpu.SMEM((2, BLOCK_H), jnp.float32),          # rescale factors, 2 slots
       plgpu.Barrier(num_arrivals=BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
       plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
       plgpu.Barrier(num_arrivals=2, num_barriers=K_STAGES),   # both consumers
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(num_arrivals=1),
-      plgpu.Barrier(num_arrivals=2),
-      # P, one per consumer warpgroup, in interpret mode only (on the GPU P stays in registers).
-      *([plgpu.SMEM((2, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz)] if interpreted else []),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=1),
       collective_axes="wg")
 
 
