@@ -13,16 +13,15 @@ Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Tr
       - warpgroup 2, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
         shared-memory stages, then dequantises each tile on chip (registers) into a bf16
         K tile in swizzled shared memory, zeroing invalid tokens, and signals "ready";
-      - warpgroups 0 and 1, the consumers: the 64 query heads stay resident in shared
-        memory (one TMA at the start); per K tile each runs ``S = Q K^T`` (one wgmma,
-        K = d_qk), the online softmax in fp32 registers, and ``O += P V`` for its own 256
+      - warpgroups 0 and 1, the consumers, each accumulating ``O += P V`` for its own 256
         of the 512 value columns (the value is the first 512 columns of the same bf16
-        tile: one load serves both products).  Each holds one 64 x 256 fp32 accumulator,
-        128 registers per thread; one consumer with both halves would need 256, over the
-        255-register limit.  Both compute the whole S (the QK^T wgmma runs twice, +53 % of
-        the tile's tensor work): with the tokens split instead, each would need the
-        other's half of P, and Mosaic GPU cannot store a 32-column half into the
-        128-byte-swizzled tile P V reads (nor mix a 64-byte-swizzled P with that V).
+        tile: one load serves both products): one 64 x 256 fp32 accumulator each, 128
+        registers per thread (one consumer with both halves would need 256, over the
+        255-register limit).  Warpgroup 0 keeps the 64 query heads resident in shared
+        memory (one TMA at the start) and per K tile runs ``S = Q K^T`` (one wgmma,
+        K = d_qk) and the online softmax in fp32 registers, then hands P (bf16) and the
+        rows' rescale factors to warpgroup 1 through shared memory (two slots, tile
+        c % 2) and a barrier; at the end it hands over the output factors the same way.
     The dequantised cache never exists in HBM: each tile lives in shared memory only.
   * Pipeline: one raw (FP8) stage and one bf16 stage: the producer issues the gathers of
     tile c+1 as soon as tile c is dequantised, so they are in flight while the consumers
@@ -30,12 +29,11 @@ Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Tr
     dequantising into the bf16 stage again.  Main-cache tiles then extra-cache tiles form
     one chunk list.  (Two bf16 stages do not fit in 227 KB with Q resident; see below.)
   * Tile: BLOCK_K = 64 tokens, 64 heads.  wgmma shapes: QK^T m64 n64 k576 (v32) / k512
-    (model1), per consumer; P V m64 n256 k64 per consumer.  K = 64 for P V: P's 64 bf16
-    columns are one 128-byte swizzle row, the swizzle of the V tile (Mosaic GPU needs
-    both operands' swizzles equal), which is why the tile is 64 tokens, as FlashMLA's.
-    On the GPU P is wgmma's register operand and P V accumulates in place
-    (``pl.run_state`` with ``ACC.init``); interpret mode simulates neither, so there P
-    goes through a shared-memory buffer per consumer and P V into a fresh accumulator
+    (model1); P V m64 n256 k64 per consumer.  K = 64 for P V: P's 64 bf16 columns are one
+    128-byte swizzle row, the swizzle of the V tile (Mosaic GPU needs both operands'
+    swizzles equal), which is why the tile is 64 tokens, as FlashMLA's.  On the GPU P V
+    accumulates in place (``pl.run_state`` with ``ACC.init``); interpret mode does not
+    simulate that, so there P V goes into a fresh accumulator that is then added
     (``interpreted``; the CUDA-lowering test covers the GPU branch).
   * h_q = 128 runs as two CTAs of 64 heads that are neighbours in the grid (the head-block
     axis is the fastest), so the second one's gathers of the same tokens hit L2; a single
@@ -65,37 +63,38 @@ the gathers:
   model1 ~584 + 112 = 696.  (Fix for later: a cache layout with each token's scales beside
   its RoPE, as one 128 B-multiple row.)
 
-Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``; on the GPU):
+Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``):
   v32:    Q 64x576x2 = 73.7 KB; bf16 K 64x576x2 = 73.7 KB; raw 64 x (512 + 128 + 128)
-          = 49.2 KB; index/bias/sink/lse 1 KB  ->  197.6 KB  (<= 227 KB)
-  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; 1 KB  ->  181.2 KB
-  The output reuses Q's buffer (after a barrier that both consumers pass once their last
-  QK^T is done).
+          = 49.2 KB; P 2 x 8 KB; index/bias/sink/lse/factors 1.6 KB  ->  214.8 KB
+          (<= 227 KB)
+  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; P 16 KB; 1.6 KB  ->  198.4 KB
+  The output reuses Q's buffer (warpgroup 1 writes its half after warpgroup 0 signals
+  that its last QK^T is done).
 
 Expected fraction of roofline (unmeasured: no GPU was lent; arithmetic, H200 = 4.3 TB/s
 copy, ~790 TFLOP/s bf16, 132 SMs at ~1.9 GHz).  FlashMLA's V32 shape (b 128, s_q 2, h 128,
 top-k 2048): FLOPs = 2 x 256 rows x 128 heads x 2048 x (576 + 512) = 146 GFLOP; bytes =
 256 rows x 2048 x 752 B (the second head block's re-read mostly from L2) = 394 MB -> 92 us at
 4.3 TB/s, vs 185 us of tensor-core time at 790 TFLOP/s: compute-bound.  Per 64x64 tile and
-CTA (one CTA per SM: 198 KB of shared memory):
-  consumers: wgmmas of 2 x 64 x 64 x 1088 = 8.9 MFLOP useful, 13.6 MFLOP issued (QK^T
-            twice) -> ~2.3 us at 790/132 TFLOP/s per SM, plus the softmax on 64 x 64
-            logits (32 exp per thread, per consumer);
+CTA (one CTA per SM: 215 KB of shared memory):
+  consumers: QK^T 2 x 64 x 64 x 576 = 4.7 MFLOP (warpgroup 0), then P V 2 x 64 x 64 x 512
+            = 4.2 MFLOP split over both -> ~1.5 us at 790/132 TFLOP/s per SM, plus the
+            softmax on 64 x 64 logits (32 exp per thread) between them;
   producer: dequant = reading the raw stages (32 KB of codes in 8-byte lane loads, 2-way
             bank conflicts: ~0.5K shared-memory wavefronts; RoPE and scales ~0.1K) plus
             ~0.6K for the swizzled bf16 stores and ~32K fp8->fp32->bf16 conversions
             (~1K cycles) -> ~1-1.2 us; then issuing the next tile's 64 x 5 TMA copies from
             one thread, ~1-3 us, overlapped with the consumers' wgmmas.
-With one bf16 stage the consumers wait for each dequant: ~3.4-4.5 us per tile, i.e. 33-44 %
-of the bf16 peak, ~260-345 TFLOP/s, around the issue's 330 TFLOP/s target -- unmeasured.
+With one bf16 stage the consumers wait for each dequant: ~2.7-4 us per tile, i.e. 37-55 %
+of the bf16 peak, ~290-435 TFLOP/s, around the issue's 330 TFLOP/s target -- unmeasured.
 The levers, in order: a second bf16 stage (needs the 74 KB that Q residency takes, e.g. Q
-in two 64-head halves re-read from L2) so dequant overlaps the wgmmas; QK^T once (split
-the tokens between the consumers and exchange P through a layout Mosaic GPU can store);
-gathers spread over the producer's 128 threads instead of one thread issuing 320 TMA
-copies per tile; conflict-free code loads (16-byte lane loads are conflict-free, but their
-32-byte bf16 vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that
-store).  At small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is
-no split-KV here yet, so expect far less there.
+in two 64-head halves re-read from L2) so dequant overlaps the wgmmas; gathers spread over
+the producer's 128 threads instead of one thread issuing 320 TMA copies per tile; P V of
+warpgroup 1 overlapping the next QK^T of warpgroup 0 (it does once the producer runs
+ahead); conflict-free code loads (16-byte lane loads are conflict-free, but their 32-byte
+bf16 vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that store).  At
+small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV
+here yet, so expect far less there.
 
 CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1 s per
 geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
