@@ -7,6 +7,8 @@ semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
                   formats: byte-exact FlashMLA packing, the ``KCache`` structure-of-arrays
                   layout that kernels read, paged writes.
   sparse_decode   ``sparse_decode`` (FlashMLA flash_mla_with_kvcache + indices).
+  mosaic_sparse_decode  its Hopper (sm_90a) Pallas Mosaic GPU kernel, FP8 caches.
+  dispatch        ``resolve_impl``: which implementation ``impl="auto"`` means, per kernel.
   dense_decode    ``dense_decode`` (flash_mla_with_kvcache, paged, optional causal).
   sparse_prefill  ``sparse_prefill`` (flash_mla_sparse_fwd).
   combine         split-KV log-sum-exp combine.
@@ -18,8 +20,10 @@ semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
                   (with 64-bit-safe addressing) they read.
 
 Each attention function takes ``impl="xla"`` (plain-jnp reference, the test oracle) or
-``impl="pallas"`` (Pallas Triton kernels; interpret mode on CPU); ``*_reference`` are the
-oracles themselves.  Bad arguments raise ``ValueError`` before anything runs.
+``impl="pallas"`` (Pallas Triton kernels; interpret mode on CPU); ``sparse_decode`` also
+``impl="mosaic"`` (the Hopper Pallas Mosaic GPU kernel, ``mosaic_sparse_decode``; GPU
+interpret mode on CPU) and ``impl="auto"`` (``dispatch.resolve_impl``); ``*_reference``
+are the oracles themselves.  Bad arguments raise ``ValueError`` before anything runs.
 """
 from pallas_kernels.combine import combine_splits
 from pallas_kernels.dense_decode import dense_decode, dense_decode_reference

@@ -1,18 +1,20 @@
 """Which attention implementation runs: ``resolve_impl("auto")`` picks the fastest one the
-backend has.
+backend has, per kernel.
 
 Every attention entry point (``sparse_decode``, ``dense_decode``, ``sparse_prefill``) takes
 ``impl=``:
 
   ``"xla"``     the plain-jnp reference (any backend; the test oracle).
   ``"pallas"``  the Pallas Triton kernels (GPU; interpret mode, slow but exact, on CPU).
-  ``"mosaic"``  Pallas Mosaic GPU kernels (Hopper, compute capability >= 9.0) -- only once
-                an implementation is registered with ``register_mosaic()``; until then
-                ``"auto"`` never picks it and passing it is an error.
+  ``"mosaic"``  Pallas Mosaic GPU kernels (Hopper, compute capability >= 9.0), for the
+                kernels that have one (``register_mosaic(kernel)``; today sparse decode
+                over the FP8 caches).  Asking a kernel without one for it is an error.
 
-``"auto"`` resolves on the host, before anything is traced: on a GPU, ``"mosaic"`` when
-the first device has compute capability >= 9.0 and Mosaic kernels are registered,
-otherwise ``"pallas"``; on any other backend (CPU, TPU) ``"xla"``.  Callers resolve once
+``resolve_impl("auto", kernel=...)`` resolves on the host, before anything is traced: on a
+GPU, ``"mosaic"`` when the first device has compute capability >= 9.0 and that kernel has
+a Mosaic GPU implementation, otherwise ``"pallas"``; on any other backend (CPU, TPU)
+``"xla"``.  Without ``kernel`` the answer must serve every kernel (a whole model passes one
+name down): ``"mosaic"`` only once all of ``KERNELS`` have one.  Callers resolve once
 (``model1.generate`` does) and pass the concrete name down, so it becomes part of a jit
 cache key.
 """
@@ -22,24 +24,33 @@ import jax
 
 AUTO = "auto"
 IMPLS = ("xla", "pallas")
+KERNELS = ("sparse_decode", "dense_decode", "sparse_prefill")
 MOSAIC_MIN_CAPABILITY = 9.0
 
-_mosaic_registered = False
+_mosaic_kernels: set[str] = set()
 
 
-def register_mosaic(available: bool = True) -> None:
-  """Mark the Mosaic GPU kernels as implemented (the module that defines them calls this)."""
-  global _mosaic_registered
-  _mosaic_registered = bool(available)
+def _check_kernel(kernel: str | None) -> None:
+  if kernel is not None and kernel not in KERNELS:
+    raise ValueError(f"kernel={kernel!r}: expected None or one of {KERNELS}")
 
 
-def mosaic_registered() -> bool:
-  return _mosaic_registered
+def register_mosaic(kernel: str, available: bool = True) -> None:
+  """Mark ``kernel`` (one of ``KERNELS``) as having a Mosaic GPU implementation (the
+  module that routes ``impl="mosaic"`` to it calls this at import)."""
+  _check_kernel(kernel)
+  (_mosaic_kernels.add if available else _mosaic_kernels.discard)(kernel)
 
 
-def available_impls() -> tuple[str, ...]:
-  """Concrete implementation names accepted now (``"mosaic"`` only once registered)."""
-  return IMPLS + (("mosaic",) if _mosaic_registered else ())
+def mosaic_registered(kernel: str | None = None) -> bool:
+  """Whether ``kernel`` has a Mosaic GPU implementation; ``None``: every kernel has one."""
+  _check_kernel(kernel)
+  return kernel in _mosaic_kernels if kernel else set(KERNELS) <= _mosaic_kernels
+
+
+def available_impls(kernel: str | None = None) -> tuple[str, ...]:
+  """Concrete implementation names accepted now for ``kernel`` (None: for every kernel)."""
+  return IMPLS + (("mosaic",) if mosaic_registered(kernel) else ())
 
 
 def _compute_capability() -> float | None:
@@ -51,18 +62,20 @@ def _compute_capability() -> float | None:
     return None
 
 
-def resolve_impl(impl: str) -> str:
-  """``"auto"`` -> the fastest available implementation for the default backend; a
-  concrete name passes through.  ValueError for anything else."""
-  expected = (AUTO,) + available_impls()
+def resolve_impl(impl: str, kernel: str | None = None) -> str:
+  """``"auto"`` -> the fastest available implementation of ``kernel`` (None: one name
+  for every kernel) on the default backend; a concrete name passes through.  ValueError
+  for anything else (``"mosaic"`` where that kernel has no Mosaic GPU version)."""
+  expected = (AUTO,) + available_impls(kernel)
   if not isinstance(impl, str) or impl not in expected:
-    raise ValueError(f"impl={impl!r}: expected one of {expected}")
+    raise ValueError(f"impl={impl!r}: expected one of {expected}"
+                     + (f" for {kernel}" if kernel else ""))
   if impl != AUTO:
     return impl
   if jax.default_backend() != "gpu":
     return "xla"
   cc = _compute_capability()
-  if _mosaic_registered and cc is not None and cc >= MOSAIC_MIN_CAPABILITY:
+  if mosaic_registered(kernel) and cc is not None and cc >= MOSAIC_MIN_CAPABILITY:
     return "mosaic"
   return "pallas"
 

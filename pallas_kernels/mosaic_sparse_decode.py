@@ -9,25 +9,32 @@ the optional extra cache, attention sink, ``topk_length`` / ``extra_topk_length`
 Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Triton tiling):
 
   * One CTA per (query row, 64-head block): grid ``(b * s_q, ceil(h_q / 64))``, heads padded
-    to 64 (wgmma's M).  Two warpgroups (``num_threads=2``):
-      - warpgroup 1, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
+    to 64 (wgmma's M).  Three warpgroups (``num_threads=3``):
+      - warpgroup 2, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
         shared-memory stages, then dequantises each tile on chip (registers) into a bf16
         K tile in swizzled shared memory, zeroing invalid tokens, and signals "ready";
-      - warpgroup 0, the consumer: keeps its 64 query heads resident in shared memory (one
-        TMA at the start), and per K tile runs ``S = Q K^T`` (one wgmma, K = d_qk), the
-        online softmax in fp32 registers, and ``O += P V`` (two wgmmas of N = 256, the
-        value being the first 512 columns of the same bf16 tile: one load serves both).
+      - warpgroups 0 and 1, the consumers, each accumulating ``O += P V`` for its own 256
+        of the 512 value columns (the value is the first 512 columns of the same bf16
+        tile: one load serves both products): one 64 x 256 fp32 accumulator each, 128
+        registers per thread (one consumer with both halves would need 256, over the
+        255-register limit).  Warpgroup 0 keeps the 64 query heads resident in shared
+        memory (one TMA at the start) and per K tile runs ``S = Q K^T`` (one wgmma,
+        K = d_qk) and the online softmax in fp32 registers, then hands P (bf16) and the
+        rows' rescale factors to warpgroup 1 through shared memory (two slots, tile
+        c % 2) and a barrier; at the end it hands over the output factors the same way.
     The dequantised cache never exists in HBM: each tile lives in shared memory only.
   * Pipeline: one raw (FP8) stage and one bf16 stage: the producer issues the gathers of
-    tile c+1 as soon as tile c is dequantised, so they are in flight while the consumer
-    runs tile c's two wgmmas; it waits on a "consumed" barrier before dequantising into
-    the bf16 stage again.  Main-cache tiles then extra-cache tiles form one chunk list.
-    (Two stages of each do not fit in 227 KB at BLOCK_K = 64 with Q resident; see below.)
+    tile c+1 as soon as tile c is dequantised, so they are in flight while the consumers
+    run tile c's wgmmas; it waits on a "consumed" barrier (both consumers arrive) before
+    dequantising into the bf16 stage again.  Main-cache tiles then extra-cache tiles form
+    one chunk list.  (Two bf16 stages do not fit in 227 KB with Q resident; see below.)
   * Tile: BLOCK_K = 64 tokens, 64 heads.  wgmma shapes: QK^T m64 n64 k576 (v32) / k512
-    (model1); P V m64 n256 k64, twice (wgmma's N is at most 256, so the 512 value columns
-    are two fp32 accumulators of 64 x 256).  K = 64 for P V is Mosaic GPU's minimum for
-    bf16 (which is why the tile is 64 tokens, as FlashMLA's).  P is staged through shared
-    memory (8 KB): interpret mode simulates only shared-memory wgmma operands.
+    (model1); P V m64 n256 k64 per consumer.  K = 64 for P V: P's 64 bf16 columns are one
+    128-byte swizzle row, the swizzle of the V tile (Mosaic GPU needs both operands'
+    swizzles equal), which is why the tile is 64 tokens, as FlashMLA's.  On the GPU P V
+    accumulates in place (``pl.run_state`` with ``ACC.init``); interpret mode does not
+    simulate that, so there P V goes into a fresh accumulator that is then added
+    (``interpreted``; the CUDA-lowering test covers the GPU branch).
   * h_q = 128 runs as two CTAs of 64 heads that are neighbours in the grid (the head-block
     axis is the fastest), so the second one's gathers of the same tokens hit L2; a single
     CTA holding 128 heads of a 576-dim query (147 KB) plus its K stage does not fit in
@@ -39,14 +46,18 @@ gather (``cp.async.bulk.tensor`` gather4 is Blackwell-only; Mosaic GPU's indexed
 per token row, or ``cp.async`` (Mosaic GPU uses it only below sm_90 and then without
 barriers).  We issue one TMA copy per token and array, all completing on one mbarrier
 (its arrival count = the number of copies), so the producer never blocks per token and the
-consumer sees a whole tile through one wait.  Mosaic GPU requires each TMA copy to move a
-multiple of 128 bytes, which shapes the gathers:
-  v32:    NoPE 512 B (one copy), RoPE 128 B, scales: a 128 B window starting at the
-          token's 4 fp32 scales (32 fp32; the token's scales are the first 4);
+consumers see a whole tile through one wait.  The tile's 64 indices come first, by one TMA
+copy into shared memory on their own barrier, so the token loop reads each index from SMEM
+(~30 cycles) rather than from global memory (~600 cycles, serialised before every issue).
+Mosaic GPU requires each TMA copy to move a multiple of 128 bytes, at most 256 elements per
+dimension, and every global stride but the last to be a multiple of 16 bytes, which shapes
+the gathers:
+  v32:    NoPE 512 B = two 256 B copies, RoPE 128 B, scales: a 128 B window of the 1-D view
+          of all scales starting at the token's 4 fp32 (32 fp32; the token's are the first 4);
   model1: NoPE 448 B = two overlapping 256 B copies (bytes [0, 256) and [192, 448), both
           inside the token, so no other token's bytes are fetched; tiles 4-6 sit at SMEM
-          columns 320-511), RoPE 128 B, scales: a 128 B window from the token's 7 ue8m0
-          bytes.
+          columns 320-511), RoPE 128 B, scales: a 128 B window of the 1-D scale view from
+          the token's 7 ue8m0 bytes (a window past the end is zero-filled by TMA).
   The scale windows over-fetch: DRAM moves the 32 B sectors the window touches (4-5)
   instead of one, ~+100 B per token.  Bytes per token actually read: v32 ~656 + 96 = 752,
   model1 ~584 + 112 = 696.  (Fix for later: a cache layout with each token's scales beside
@@ -54,30 +65,52 @@ multiple of 128 bytes, which shapes the gathers:
 
 Shared memory per CTA (BLOCK_K = 64, 1 + 1 stages; ``smem_bytes``):
   v32:    Q 64x576x2 = 73.7 KB; bf16 K 64x576x2 = 73.7 KB; raw 64 x (512 + 128 + 128)
-          = 49.2 KB; P 8 KB; index/bias/sink/lse 1 KB  ->  ~206 KB  (<= 227 KB)
-  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; P 8 KB; 1 KB  ->  ~189 KB
-  The output reuses Q's buffer (Q is dead after the last QK^T).
+          = 49.2 KB; P 2 x 8 KB; index/bias/sink/lse/factors 1.6 KB  ->  214.8 KB
+          (<= 227 KB)
+  model1: Q 65.5 KB; bf16 K 65.5 KB; raw 49.2 KB; P 16 KB; 1.6 KB  ->  198.4 KB
+  The output reuses Q's buffer (warpgroup 1 writes its half after warpgroup 0 signals
+  that its last QK^T is done).
 
 Expected fraction of roofline (unmeasured: no GPU was lent; arithmetic, H200 = 4.3 TB/s
-copy, ~790 TFLOP/s bf16).  FlashMLA's V32 shape (b 128, s_q 2, h 128, top-k 2048): FLOPs =
-2 x 128 x 2 x 128 x 2048 x (576 + 512) = 292 GFLOP; bytes = 256 rows x 2048 x 752 B x 2 head
-blocks (the second from L2, so ~1x from DRAM) = 394 MB -> 92 us at 4.3 TB/s, vs 370 us of
-tensor-core time at 790 TFLOP/s: compute-bound, so the bound is the wgmma rate.  This
-design overlaps the gathers with compute but serialises dequant (producer) against the
-wgmmas (consumer) through a single bf16 stage, runs one consumer warpgroup per CTA
-(FlashMLA uses two, splitting the value columns) and issues 64 x 3-4 TMA copies per tile
-from one warpgroup; we expect 25-40 % of the bf16 peak, ~200-320 TFLOP/s on H200, against
-the issue's 330 TFLOP/s target — unmeasured.  At small batch the grid (b x s_q x h_q/64
-CTAs) under-fills 132 SMs and there is no split-KV here yet, so expect far less there.
+copy, ~790 TFLOP/s bf16, 132 SMs at ~1.9 GHz).  FlashMLA's V32 shape (b 128, s_q 2, h 128,
+top-k 2048): FLOPs = 2 x 256 rows x 128 heads x 2048 x (576 + 512) = 146 GFLOP; bytes =
+256 rows x 2048 x 752 B (the second head block's re-read mostly from L2) = 394 MB -> 92 us at
+4.3 TB/s, vs 185 us of tensor-core time at 790 TFLOP/s: compute-bound.  Per 64x64 tile and
+CTA (one CTA per SM: 215 KB of shared memory):
+  consumers: QK^T 2 x 64 x 64 x 576 = 4.7 MFLOP (warpgroup 0), then P V 2 x 64 x 64 x 512
+            = 4.2 MFLOP split over both -> ~1.5 us at 790/132 TFLOP/s per SM, plus the
+            softmax on 64 x 64 logits (32 exp per thread) between them;
+  producer: dequant = reading the raw stages (32 KB of codes in 8-byte lane loads, 2-way
+            bank conflicts: ~0.5K shared-memory wavefronts; RoPE and scales ~0.1K) plus
+            ~0.6K for the swizzled bf16 stores and ~32K fp8->fp32->bf16 conversions
+            (~1K cycles) -> ~1-1.2 us; then issuing the next tile's 64 x 5 TMA copies from
+            one thread, ~1-3 us, overlapped with the consumers' wgmmas.
+With one bf16 stage the consumers wait for each dequant: ~2.7-4 us per tile, i.e. 37-55 %
+of the bf16 peak, ~290-435 TFLOP/s, around the issue's 330 TFLOP/s target -- unmeasured.
+The levers, in order: a second bf16 stage (needs the 74 KB that Q residency takes, e.g. Q
+in two 64-head halves re-read from L2) so dequant overlaps the wgmmas; gathers spread over
+the producer's 128 threads instead of one thread issuing 320 TMA copies per tile; P V of
+warpgroup 1 overlapping the next QK^T of warpgroup 0 (it does once the producer runs
+ahead); conflict-free code loads (16-byte lane loads are conflict-free, but their 32-byte
+bf16 vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that store).  At
+small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV
+here yet, so expect far less there.
 
-Status of the CUDA lowering (checked with ``jax.export(..., platforms=["cuda"])``, no GPU):
-the TMA gathers, barriers, the consumer's wgmmas and online softmax lower; the producer's
-dequantisation (register loads from the row-major raw stages) does not yet get through
-Mosaic GPU's layout inference on jax 0.11.2 ("Failed to infer a possible set of layouts"
-with explicit WGMMA layouts; an unbounded search without the explicit row-major tiling of
-the raw stages).  So today this kernel runs in GPU interpret mode only; the next step is a
-dequant that loads each raw stage in a layout Mosaic GPU can transfer (e.g. the 8-bit
-wgmma layout) or fp8 wgmma with the scales applied to the logits and to P.
+CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1 s per
+geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
+array has the layout we give it (the consumers' tiles in ``plgpu.Layout.WGMMA``, the
+producer's in ``_raw_layout``, per-head and per-token vectors in their reductions) instead
+of the Warpgroup semantics' layout search, which finds no assignment for the
+dequantisation on jax 0.11.2.  The raw FP8/RoPE/scale stages
+are untransformed row-major shared memory (a multi-row tiling would forbid one-row TMA
+copies), read in [64, 64] pieces into a register layout of our own (``_raw_layout``: a
+lane holds 8 consecutive elements of one token row, a warp 4 rows): RoPE loads are then
+bank-conflict-free (Mosaic GPU checks it), code loads 2-way conflicted (a warp reads 4
+rows x 64 B of 512-byte rows; Mosaic GPU accepts it only with ``optimized=False``), where
+the wgmma register layout would read 8 rows x 2 B (8-way).  Each consumer's 256 output
+columns leave through TMA in groups of 8 rows (only those are contiguous in the tiled
+buffer).  What this does not check: ptxas (registers, spills) and the run itself; the GPU check script runs
+``tests/test_kernel_gpu.py``, which compiles and runs this kernel first.
 
 Tested on CPU in GPU interpret mode (``plgpu.InterpretGPUParams``), which simulates shared
 memory, TMA, mbarriers, wgmma and warpgroup races.  Letter key: R query rows (b * s_q), N
@@ -92,22 +125,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 
-from pallas_kernels.fp8_cache import D_ROPE, require
+from pallas_kernels import cache_view
+from pallas_kernels.fp8_cache import D_ROPE, KCache, require
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
 BLOCK_K = 64            # tokens per tile (wgmma K of P V must be a multiple of 64)
 RAW_STAGES = 1
 K_STAGES = 1
 SMEM_LIMIT = 227 * 1024
-V_CHUNK = 256          # wgmma N <= 256: the 512 value columns are two accumulators
+V_CHUNK = 256          # value columns per consumer warpgroup (wgmma N <= 256)
 _WINDOW = 128           # bytes per TMA scale window (Mosaic GPU's TMA granularity)
 
 
 def geometry(fmt: str):
   """(d_qk, d_nope, scale tile width, scale count, NoPE copies as (src byte, smem byte, n))."""
   if fmt == "v32":
-    return 576, 512, 128, 4, ((0, 0, 512),)
+    return 576, 512, 128, 4, ((0, 0, 256), (256, 256, 256))
   return 512, 448, 64, 7, ((0, 0, 256), (192, 256, 256))
 
 
@@ -115,6 +150,14 @@ def _nope_smem_col(fmt: str, t: int, width: int) -> int:
   # model1 tiles 4..6 (bytes 256..447) were copied by the second window to SMEM 256 + (b - 192).
   col = t * width
   return col if (fmt == "v32" or col < 256) else col + 64
+
+
+def _raw_layout(cols: int):
+  """Register layout of a [64, cols] piece of a row-major raw stage: 4 warps x 16 token
+  rows; in a warp, 4 rows x 8 lanes, each lane holding cols/8 consecutive elements."""
+  return plgpu.Layout.TILED(
+      mgpu_fa.Tiling(((BLOCK_K, cols), (16, cols), (4, cols), (cols // 8,))),
+      warp_dims=(-5,), lane_dims=(-3, -2), vector_dim=-1)
 
 
 def _stage(c, n: int):
@@ -127,14 +170,14 @@ def smem_bytes(fmt: str, d_v: int) -> int:
   q = BLOCK_H * d * 2
   k = K_STAGES * BLOCK_K * d * 2
   raw = RAW_STAGES * BLOCK_K * (512 + 2 * D_ROPE + _WINDOW)
-  p = BLOCK_H * BLOCK_K * 2
-  small = RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 2 * BLOCK_H * 4
-  return q + k + raw + p + small
+  p = 2 * BLOCK_H * BLOCK_K * 2
+  small = RAW_STAGES * BLOCK_K * 4 + K_STAGES * BLOCK_K * 4 + 5 * BLOCK_H * 4
+  return q + p + k + raw + small
 
 
 def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref,
                              sc_ref, *rest, fmt, d_v, has_extra, s_q, n_main_rows,
-                             n_extra_rows, brk=None):
+                             n_extra_rows, interpreted, brk=None):
   """Kernel body: one CTA = one query row x one 64-head block (see the module notes)."""
   if has_extra:
     elens_ref, eidx_ref, enope_ref, erope_ref, esc_ref, o_ref, lse_ref = rest
@@ -153,18 +196,22 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   copies_per_token = len(nope_copies) + 2
 
   def scoped(q_smem, p_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem,
-             raw_bar, ready, consumed, q_bar):
+             alpha_smem, raw_bar, ready, consumed, q_bar, idx_bar, p_bar, fin_bar):
     wg = lax.axis_index("wg")
 
     # ------------------------------------------------------------------ producer
     def gather(c, rs, cache_idx, cache_nope, cache_rope, cache_sc, cc, clen, rows):
+      # The tile's indices land in shared memory first (one copy, one wait), so the token
+      # loop below reads each index from SMEM instead of paying a global-memory latency
+      # per token before its TMA can be issued.
       plgpu.copy_gmem_to_smem(cache_idx.at[r, pl.ds(cc * BLOCK_K, BLOCK_K)], idx_smem.at[rs],
-                              raw_bar.at[rs])
+                              idx_bar)
+      plgpu.barrier_wait(idx_bar)
 
       @pl.loop(0, BLOCK_K)
       def _token(x):
         pos = cc * BLOCK_K + x
-        i = cache_idx[r, pos]
+        i = idx_smem[rs, x]
         row = jnp.where((i >= 0) & (i < rows) & (pos < clen), i, 0)   # invalid: any in-range row
         for src, dst, n in nope_copies:
           plgpu.copy_gmem_to_smem(cache_nope.at[pl.ds(row, 1), pl.ds(src, n)],
@@ -172,8 +219,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         plgpu.copy_gmem_to_smem(cache_rope.at[pl.ds(row, 1)], rope_raw.at[rs, pl.ds(x, 1)],
                                 raw_bar.at[rs])
         n_win = sc_raw.shape[-1]
-        plgpu.copy_gmem_to_smem(cache_sc.at[:, pl.ds(row * n_sc, n_win)],
-                                sc_raw.at[rs, pl.ds(x, 1)], raw_bar.at[rs])
+        plgpu.copy_gmem_to_smem(cache_sc.at[pl.ds(row * n_sc, n_win)], sc_raw.at[rs, x],
+                                raw_bar.at[rs])
 
     def issue(c):
       rs = _stage(c, RAW_STAGES)
@@ -193,45 +240,54 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       cc = jnp.where(is_main, c, c - n_main)
       clen = jnp.where(is_main, length, elength) if has_extra else length
       rows = jnp.where(is_main, n_main_rows, n_extra_rows) if has_extra else n_main_rows
-      tile_l, row_l = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+      # Explicit register layouts (Lane semantics): [64, 64] pieces in ``_RAW_TILE``, whose
+      # lanes read 8 consecutive elements along a token row, so a warp's load touches 4 rows
+      # x 64 B (codes) or 4 x 128 B (RoPE) instead of wgmma's 8 rows x 4 B; per-token
+      # vectors in its row reduction.
+      tile_l, win_l = _raw_layout(64), _raw_layout(8)
+      row_l = tile_l.reduce(1)
+      T = lambda x: plgpu.layout_cast(x, tile_l)
+      R = lambda x: plgpu.layout_cast(x, row_l)
       idx_K = plgpu.load(idx_smem.at[rs], layout=row_l)
       pos_K = cc * BLOCK_K + plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=row_l)
       valid_K = (idx_K >= 0) & (idx_K < rows) & (pos_K < clen)
       if brk == "drop_key":
         valid_K = valid_K & (pos_K % BLOCK_K != 1)
-      # Explicit layouts throughout (Mosaic GPU's layout search does not finish otherwise):
-      # [64, w] tiles in the wgmma register layout, per-token vectors in its row layout.
-      T = lambda x: plgpu.layout_cast(x, tile_l)
-      R = lambda x: plgpu.layout_cast(x, row_l)
       valid_K = R(valid_K)
-      win = plgpu.load(sc_raw.at[rs], layout=tile_l)
-      win = T(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
-      col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=tile_l)
-      raw = plgpu.load(nope_raw.at[rs], layout=tile_l)
-      for t in range(d_nope // width):
-        c0 = _nope_smem_col(fmt, t, width)
-        codes = T(T(raw[:, c0:c0 + width]).astype(jnp.float32))
-        picked = T(jnp.where(col == t, win, jnp.zeros_like(win)))
-        if fmt == "v32":
-          s_K = R(jnp.sum(picked, axis=1))
-        else:
-          e_K = R(jnp.sum(picked, axis=1))
-          s_K = R(lax.bitcast_convert_type(e_K << 23, jnp.float32))
-          s_K = R(jnp.where(e_K == 255, jnp.full_like(s_K, jnp.nan), s_K))
+      # The token's scales are the first 4 fp32 / 7 bytes of its window.
+      W = lambda x: plgpu.layout_cast(x, win_l)
+      win = plgpu.load(sc_raw.at[rs, :, pl.ds(0, 8)], layout=win_l, optimized=False)
+      win = W(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
+      col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=win_l)
+      scales = {}
+      for p in range(d_nope // 64):
+        t = p * 64 // width                       # the scale tile of this 64-column piece
+        if t not in scales:
+          picked = W(jnp.where(col == t, win, jnp.zeros_like(win)))
+          if fmt == "v32":
+            s_K = R(jnp.sum(picked, axis=1))
+          else:
+            e_K = R(jnp.sum(picked, axis=1))
+            s_K = R(lax.bitcast_convert_type(e_K << 23, jnp.float32))
+            s_K = R(jnp.where(e_K == 255, jnp.full_like(s_K, jnp.nan), s_K))
+          scales[t] = T(lax.broadcast_in_dim(s_K, (BLOCK_K, 64), [0]))
+        c0 = _nope_smem_col(fmt, p, 64)
+        codes = T(T(plgpu.load(nope_raw.at[rs, :, pl.ds(c0, 64)], layout=tile_l,
+                               optimized=False)).astype(jnp.float32))
         # Exact: e4m3 codes and power-of-two scales (v32 bf16(fp32(q)*s); model1
         # bf16(bf16(q)*bf16(s)) gives the same bits since both factors are exact in bf16).
         # Invalid tokens are zeroed with a select: their bytes (even NaN) never reach a dot.
-        k_KW = T(codes * T(lax.broadcast_in_dim(s_K, codes.shape, [0])))
+        k_KW = T(codes * scales[t])
         k_KW = T(jnp.where(T(lax.broadcast_in_dim(valid_K, codes.shape, [0])), k_KW,
                            jnp.zeros_like(k_KW)))
-        kbf[ks, :, pl.ds(t * width, width)] = T(k_KW.astype(jnp.bfloat16))
+        kbf[ks, :, pl.ds(p * 64, 64)] = T(k_KW.astype(jnp.bfloat16))
       rope = T(plgpu.load(rope_raw.at[rs], layout=tile_l))
       kbf[ks, :, pl.ds(d_nope, D_ROPE)] = T(jnp.where(
           T(lax.broadcast_in_dim(valid_K, rope.shape, [0])), rope, jnp.zeros_like(rope)))
       bias_smem[ks] = R(jnp.where(valid_K, jnp.zeros(valid_K.shape, jnp.float32),
                                   jnp.full(valid_K.shape, -jnp.inf, jnp.float32)))
 
-    @pl.when(wg == 1)
+    @pl.when(wg == 2)
     def _producer():
       @pl.when(n_total > 0)
       def _():
@@ -258,71 +314,99 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       def _drain(c):
         plgpu.barrier_wait(consumed.at[_stage(c, K_STAGES)])
 
-    # ------------------------------------------------------------------ consumer
-    @pl.when(wg == 0)
-    def _consumer():
-      plgpu.copy_gmem_to_smem(q_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)], q_smem, q_bar)
-      plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0], q_bar)
-      plgpu.barrier_wait(q_bar)
-      scale = scale_ref[0]
+    # ------------------------------------------------------------------ consumers
+    # Two warpgroups w = 0, 1 each accumulate value columns [256w, 256w + 256): one 64 x 256
+    # fp32 accumulator each (128 registers per thread; a single consumer would need 256, over
+    # the 255-register limit).  Warpgroup 0 also computes the logits and the softmax and
+    # hands P and the rescale factors to warpgroup 1 through shared memory (slot c % 2:
+    # warpgroup 0 writes slot c + 1 while warpgroup 1 may still read slot c; it reaches slot
+    # c again only after both consumers released tile c + 1).
+    def consumer(w):
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      cols = pl.ds(w * V_CHUNK, V_CHUNK)
+      if w == 0:
+        plgpu.copy_gmem_to_smem(q_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0],
+                                q_bar)
+        plgpu.barrier_wait(q_bar)
+        scale = scale_ref[0]
 
       def step(c, carry):
         acc, m_N, l_N = carry
-        ks = _stage(c, K_STAGES)
+        ks, par = _stage(c, K_STAGES), c % 2
         if brk != "no_barrier":
           plgpu.barrier_wait(ready.at[ks])
+        if w == 0:
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
+            return acc_ref[...]
+          s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
+          bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
+          s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
+          m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
+          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # nothing seen yet: no inf - inf
+          alpha = jnp.exp(m_N - m_safe)
+          p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
+          l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
+          m_N = m_new
+          p_smem[par] = p_NK.astype(jnp.bfloat16)
+          alpha_smem[par] = alpha
+          plgpu.commit_smem()            # visible to wgmma and to warpgroup 1
+          plgpu.barrier_arrive(p_bar)
+        else:
+          plgpu.barrier_wait(p_bar)
+          alpha = plgpu.load(alpha_smem.at[par], layout=row_layout)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
-          return acc_ref[...]
-        s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
-        bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
-        s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
-        m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # nothing seen yet: no inf - inf
-        alpha = jnp.exp(m_N - m_safe)
-        p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
-        l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
-        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
-
-        # P V into a fresh accumulator, then added: ``pl.run_state(...)(ACC.init(acc))``
-        # (in-place accumulation, one register add fewer) is not simulated by interpret mode.
-        # P goes through shared memory (wgmma's A may come from registers on the GPU, but
-        # interpret mode simulates only shared-memory operands; 4 KB).
-        p_smem[...] = p_NK.astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        p_op = p_smem
-
-        def pv(v, pv_ref):
-          plgpu.wgmma(pv_ref, p_op, kbf.at[ks, :, pl.ds(v * V_CHUNK, V_CHUNK)])
-          return pv_ref[...]
-        acc = tuple(a + pl.run_scoped(functools.partial(pv, v),
-                                      plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
-                    for v, a in enumerate(acc))
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_smem.at[par], kbf.at[ks, :, cols])
+        if interpreted:
+          # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
+          # ``ACC.init``): a fresh accumulator, then added.
+          def fresh(acc_ref):
+            pv(acc_ref)
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
+        else:                          # in place: no second 128-register accumulator
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(consumed.at[ks])
-        return acc, m_new, l_N
+        return acc, m_N, l_N
 
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      init = (tuple(plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32),
-                                      plgpu.Layout.WGMMA) for _ in range(d_v // V_CHUNK)),
+      init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
               plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), row_layout))
       acc, m_N, l_N = lax.fori_loop(0, n_total, step, init)
 
-      live = l_N > 0
-      l_safe = jnp.where(live, l_N, 1.0)
-      lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
-      sink = plgpu.load(vec_smem.at[0], layout=row_layout)
-      factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
-      for v, a in enumerate(acc):
-        out = a * lax.broadcast_in_dim(factor, a.shape, [0])
-        q_smem[:, pl.ds(v * V_CHUNK, V_CHUNK)] = out.astype(jnp.bfloat16)
-      vec_smem[1] = jnp.where(live, lse, jnp.inf)
+      if w == 0:
+        live = l_N > 0
+        l_safe = jnp.where(live, l_N, 1.0)
+        lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
+        sink = plgpu.load(vec_smem.at[0], layout=row_layout)
+        factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
+        vec_smem[1] = jnp.where(live, lse, jnp.inf)
+        vec_smem[2] = factor
+        plgpu.commit_smem()
+        # Q is dead from here on (its last QK^T is done): warpgroup 1 may write its half
+        # of the output into Q's buffer.
+        plgpu.barrier_arrive(fin_bar)
+      else:
+        plgpu.barrier_wait(fin_bar)
+        factor = plgpu.load(vec_smem.at[2], layout=row_layout)
+      out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
+      q_smem[:, cols] = out.astype(jnp.bfloat16)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(0, d_v)],
-                              o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
-      plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
+      # TMA needs a contiguous shared-memory source: 256 columns of the (8, 64)-tiled buffer
+      # are contiguous only within each group of 8 rows.
+      for g in range(BLOCK_H // 8):
+        rows_g = pl.ds(g * 8, 8)
+        plgpu.copy_smem_to_gmem(q_smem.at[rows_g, cols],
+                                o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)].at[rows_g, cols])
+      if w == 0:
+        plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
       plgpu.wait_smem_to_gmem(0)
+
+    for w in range(2):                 # static w: static shared-memory slices
+      pl.when(wg == w)(functools.partial(consumer, w))
 
   swz = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   sc_dtype = sc_ref.dtype
@@ -330,30 +414,31 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   pl.run_scoped(
       scoped,
       plgpu.SMEM((BLOCK_H, d), jnp.bfloat16, transforms=swz),
-      plgpu.SMEM((BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),
+      plgpu.SMEM((2, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),     # P, 2 slots
       plgpu.SMEM((K_STAGES, BLOCK_K, d), jnp.bfloat16, transforms=swz),
-      # Raw stages are plain row-major (a (1, row) tiling says so explicitly): each token
-      # row is written by its own TMA copy, which a multi-row tiling would not allow.
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, 512), jnp.float8_e4m3fn,
-                 transforms=(plgpu.TilingTransform((1, 512)),)),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, D_ROPE), jnp.bfloat16,
-                 transforms=(plgpu.TilingTransform((1, D_ROPE)),)),
-      plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype,
-                 transforms=(plgpu.TilingTransform((1, win)),)),
+      # Raw stages are plain row-major (no transforms): each token row is written by its
+      # own TMA copy, which a multi-row tiling would not allow.
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, 512), jnp.float8_e4m3fn),
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, D_ROPE), jnp.bfloat16),
+      plgpu.SMEM((RAW_STAGES, BLOCK_K, win), sc_dtype),
       plgpu.SMEM((RAW_STAGES, BLOCK_K), jnp.int32),
       plgpu.SMEM((K_STAGES, BLOCK_K), jnp.float32),
-      plgpu.SMEM((2, BLOCK_H), jnp.float32),
-      plgpu.Barrier(num_arrivals=1 + BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
+      plgpu.SMEM((3, BLOCK_H), jnp.float32),          # sink, lse, output factor
+      plgpu.SMEM((2, BLOCK_H), jnp.float32),          # rescale factors, 2 slots
+      plgpu.Barrier(num_arrivals=BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
       plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
-      plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
+      plgpu.Barrier(num_arrivals=2, num_barriers=K_STAGES),   # both consumers
       plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=1),
       collective_axes="wg")
 
 
 def _flat(cache):
   rows = cache.num_tokens
   return (cache.nope.reshape(rows, -1), cache.rope.reshape(rows, D_ROPE),
-          cache.scales.reshape(1, -1))
+          cache.scales.reshape(-1))
 
 
 def _pad_topk(idx_BTX, rows: int):
@@ -364,15 +449,32 @@ def _pad_topk(idx_BTX, rows: int):
 
 def check_supported(cache, d_qk: int, head_dim_v: int) -> None:
   """ValueError (before launch) for what this kernel does not cover."""
-  require(cache.fmt in ("v32", "model1"),
-          f"k_cache format {cache.fmt!r}: impl='mosaic' sparse decode reads the FP8 formats "
+  fmt = cache_view.info(cache).fmt
+  require(fmt in ("v32", "model1"),
+          f"k_cache format {fmt!r}: impl='mosaic' sparse decode reads the FP8 formats "
           "'v32' or 'model1' (use impl='pallas' or 'xla' for a bf16 cache)")
-  d_nope = d_qk - D_ROPE
-  require(head_dim_v in (d_nope, d_qk) and head_dim_v % 64 == 0,
-          f"head_dim_v={head_dim_v}: impl='mosaic' needs {d_nope} or {d_qk} (whole 64-column "
-          "tiles of the key)")
-  need = smem_bytes(cache.fmt, head_dim_v)
+  # It reads the structure-of-arrays KCache; FlashMLA's packed bytes would need their own
+  # per-token gathers (KCache.from_packed_bytes converts them).
+  require(isinstance(cache, KCache),
+          f"k_cache {type(cache).__name__}: impl='mosaic' reads a KCache (convert packed "
+          "bytes with KCache.from_packed_bytes, or use impl='pallas')")
+  # The value is the first head_dim_v key columns, accumulated in chunks of wgmma's N = 256.
+  require(head_dim_v == 2 * V_CHUNK,
+          f"head_dim_v={head_dim_v}: impl='mosaic' needs {2 * V_CHUNK} (FlashMLA's value "
+          "dim; two 256-column wgmma accumulators)")
+  need = smem_bytes(fmt, head_dim_v)
   require(need <= SMEM_LIMIT, f"shared memory {need} B > {SMEM_LIMIT} B per CTA")
+
+
+def supports(args: dict, head_dim_v: int) -> bool:
+  """Whether this kernel covers the validated ``args`` (``check_supported`` passes)."""
+  try:
+    for cache in (args["cache"], args["extra_cache"]):
+      if cache is not None:
+        check_supported(cache, args["q"].shape[-1], head_dim_v)
+  except ValueError:
+    return False
+  return True
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
@@ -383,12 +485,16 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
     interpret = jax.default_backend() == "cpu"
   if isinstance(interpret, plgpu.InterpretGPUParams):
     return interpret
+  require(isinstance(interpret, bool),
+          f"interpret={interpret!r}: expected None, a bool or plgpu.InterpretGPUParams")
   return plgpu.InterpretGPUParams() if interpret else None
 
 
 def sparse_decode(args: dict, head_dim_v: int, interpret=None):
   """``sparse_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first)."""
-  check_supported(args["cache"], args["q"].shape[-1], head_dim_v)
+  for cache in (args["cache"], args["extra_cache"]):
+    if cache is not None:
+      check_supported(cache, args["q"].shape[-1], head_dim_v)
   return run(**args, head_dim_v=head_dim_v, interpret=interpret_params(interpret))
 
 
@@ -416,13 +522,15 @@ def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=No
     operands += [extra_topk_length, _pad_topk(extra_indices, rows), *_flat(extra_cache)]
   kernel = functools.partial(
       sparse_decode_mla_mosaic, fmt=cache.fmt, d_v=head_dim_v, brk=_break,
+      interpreted=interpret is not None,
       has_extra=has_extra, s_q=s_q,
       n_main_rows=cache.num_tokens, n_extra_rows=extra_cache.num_tokens if has_extra else 0)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((rows, hp, head_dim_v), jnp.bfloat16),
                 jax.ShapeDtypeStruct((rows, hp), jnp.float32)),
-      grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=2, thread_name="wg",
+      grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret)(*operands)
   out = out[:, :h_q].reshape(b, s_q, h_q, head_dim_v)
   lse = lse[:, :h_q].reshape(b, s_q, h_q)

@@ -42,11 +42,12 @@ import numpy as np
 
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _tiles, cache_view, combine, softmax
+from pallas_kernels import _tiles, cache_view, combine, dispatch, softmax
 from pallas_kernels.fp8_cache import bytes_per_token, host_value, require
 from pallas_kernels.tuning import KernelTuning, SparseDecodeTuning, check_tuning, choose_num_splits  # noqa: F401
 
 IMPLS = ("xla", "pallas", "mosaic")
+dispatch.register_mosaic("sparse_decode")    # impl="mosaic": mosaic_sparse_decode.py
 
 
 def _check_lengths(name: str, x, batch: int, topk: int) -> jax.Array | None:
@@ -327,19 +328,29 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
     topk_length: optional int32 ``[b]``: only the first topk_length[b] indices count.
     extra_k_cache, extra_indices_in_kvcache, extra_topk_length: a second cache (same
       format, own block size) whose selected tokens join the same softmax.
-    impl: "xla" (the reference) or "pallas" (the Triton kernel; interpret mode on CPU).
-      The kernel needs head_dim_v = d_qk - 64 or d_qk (whole key tiles).
+    impl: "xla" (the reference), "pallas" (the Triton kernel; interpret mode on CPU;
+      needs head_dim_v = d_qk - 64 or d_qk, whole key tiles), "mosaic" (the Hopper Mosaic
+      GPU kernel, FP8 caches and head_dim_v 512; GPU interpret mode on CPU) or "auto"
+      (``dispatch.resolve_impl``: "mosaic" on Hopper when it covers the case, else
+      "pallas" on a GPU, "xla" elsewhere).
     tuning: ``KernelTuning`` for impl="pallas" (default: its defaults).
     interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (natural log, sink
     excluded, +inf for a row with no valid token).
   """
-  require(impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}")
+  expected = (dispatch.AUTO,) + IMPLS
+  require(impl in expected, f"impl={impl!r}: expected one of {expected}")
   args = validate_sparse_decode_args(
       q, k_cache, indices, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
       attn_sink=attn_sink, topk_length=topk_length, extra_k_cache=extra_k_cache,
       extra_indices_in_kvcache=extra_indices_in_kvcache, extra_topk_length=extra_topk_length)
+  if impl == dispatch.AUTO:
+    impl = dispatch.resolve_impl(impl, kernel="sparse_decode")
+    if impl == "mosaic":
+      from pallas_kernels import mosaic_sparse_decode
+      if not mosaic_sparse_decode.supports(args, head_dim_v):
+        impl = "pallas"
   if impl == "mosaic":                 # Hopper Pallas Mosaic GPU kernel: mosaic_sparse_decode.py
     from pallas_kernels import mosaic_sparse_decode
     return mosaic_sparse_decode.sparse_decode(args, head_dim_v, interpret)

@@ -159,26 +159,39 @@ def test_a_kernel_dropping_one_key_fails_the_comparison(runs, monkeypatch):
 
 
 def test_resolve_impl(monkeypatch):
-  # the backend this runs on (no Mosaic kernels registered yet): CPU -> the reference
+  # the backend this runs on; one name for every kernel (kernel=None) is "mosaic" only once
+  # all three kernels have a Mosaic GPU version (today: sparse decode only)
   assert dispatch.resolve_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
   assert dispatch.resolve_impl("xla") == "xla" and dispatch.resolve_impl("pallas") == "pallas"
   for bad in ("triton", "mosaic", None, "AUTO"):
     with pytest.raises(ValueError, match=r"impl=.*expected one of \('auto', 'xla', 'pallas'\)"):
       dispatch.resolve_impl(bad)
+  assert dispatch.resolve_impl("mosaic", kernel="sparse_decode") == "mosaic"
+  with pytest.raises(ValueError, match="impl='mosaic'.*for dense_decode"):
+    dispatch.resolve_impl("mosaic", kernel="dense_decode")
+  with pytest.raises(ValueError, match="kernel='decode'"):
+    dispatch.resolve_impl("auto", kernel="decode")
 
   class FakeGPU:
     def __init__(self, cc):
       self.compute_capability = cc
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert dispatch.resolve_impl("auto") == "xla"
+  assert dispatch.resolve_impl("auto", kernel="sparse_decode") == "xla"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  for cc, mosaic, want in [("9.0", False, "pallas"), ("8.0", True, "pallas"),
-                           ("9.0", True, "mosaic"), ("10.0", True, "mosaic"),
-                           (None, True, "pallas")]:
+  every = set(dispatch.KERNELS)
+  for cc, kernels, kernel, want in [
+      ("9.0", {"sparse_decode"}, "sparse_decode", "mosaic"),
+      ("10.0", {"sparse_decode"}, "sparse_decode", "mosaic"),
+      ("9.0", {"sparse_decode"}, "dense_decode", "pallas"),
+      ("9.0", {"sparse_decode"}, None, "pallas"),     # not every kernel has one
+      ("9.0", every, None, "mosaic"), ("8.0", every, None, "pallas"),
+      ("8.0", every, "sparse_decode", "pallas"), (None, every, "sparse_decode", "pallas"),
+      ("9.0", set(), "sparse_decode", "pallas")]:
     monkeypatch.setattr(jax, "devices", lambda cc=cc: [FakeGPU(cc)])
-    monkeypatch.setattr(dispatch, "_mosaic_registered", mosaic)
-    assert dispatch.resolve_impl("auto") == want, (cc, mosaic)
-  assert dispatch.resolve_impl("mosaic") == "mosaic"   # accepted once registered
+    monkeypatch.setattr(dispatch, "_mosaic_kernels", kernels)
+    assert dispatch.resolve_impl("auto", kernel=kernel) == want, (cc, kernels, kernel)
+  monkeypatch.setattr(dispatch, "_mosaic_kernels", every)
+  assert dispatch.resolve_impl("mosaic") == "mosaic"   # accepted once every kernel has one
   # generate() resolves first: a bad impl fails before the model is even looked at
   with pytest.raises(ValueError, match="impl='triton'"):
     generate(types.SimpleNamespace(cfg=None), [[1]], impl="triton")

@@ -4,9 +4,11 @@ mbarriers, wgmma, warpgroup threads, optional race detection).
 
 Interpret mode costs roughly (CTAs x tiles x per-token TMA copies), so the cases are few and
 small but keep the real 576/512 geometries, pages of 61 tokens, top-k and lengths that are
-not multiples of the 32-token tile, heads padded to the 64-head wgmma block (4 and 16 heads)
+not multiples of the 64-token tile, heads padded to the 64-head wgmma block (4 and 16 heads)
 and one two-block case (128 heads), NaN bytes in every slot the kernel may touch but must
 not use, -1 indices, an empty query row, sink values -inf/finite/+inf, and the extra cache.
+Beside them: the real kernel lowers for CUDA without a GPU (both geometries), and
+``impl="auto"`` routes to it on a (faked) Hopper device.
 """
 import dataclasses
 
@@ -147,5 +149,46 @@ def test_mosaic_bad_input():
     pk.sparse_decode(q, bf16, idx, head_dim_v=DV, impl="mosaic")
   with pytest.raises(ValueError, match="head_dim_v=256"):
     pk.sparse_decode(q, cache, idx, head_dim_v=256, impl="mosaic")
+  with pytest.raises(ValueError, match="impl='mosaic' reads a KCache"):
+    pk.sparse_decode(q, cache.to_packed_bytes(), idx, head_dim_v=DV, impl="mosaic")
+  with pytest.raises(ValueError, match="interpret='yes': expected"):
+    pk.sparse_decode(q, cache, idx, head_dim_v=DV, impl="mosaic", interpret="yes")
   with pytest.raises(ValueError, match="impl='bogus'"):
     pk.sparse_decode(q, cache, idx, head_dim_v=DV, impl="bogus")
+
+
+@pytest.mark.parametrize("fmt", ["v32", "model1"])
+def test_sparse_decode_lowers_for_cuda(fmt):
+  """The real (non-interpreted) kernel lowers for CUDA on a machine without a GPU: Mosaic GPU
+  runs its layout assignment, TMA and wgmma lowering here, so an unsupported layout, TMA box
+  or shared-memory view fails this test (within seconds, shapes are tiny)."""
+  d = D[fmt]
+  cache, extra = pk.KCache.empty(3, PAGE, fmt, d), pk.KCache.empty(4, 5, fmt, d)
+  q = jnp.zeros((1, 2, 128, d), jnp.bfloat16)                 # two 64-head blocks
+  idx = jnp.zeros((1, 2, 100), jnp.int32)
+  lens = jnp.zeros((1,), jnp.int32)
+  f = lambda q, c, i, l, e, ei, el, s: pk.sparse_decode(
+      q, c, i, head_dim_v=DV, attn_sink=s, topk_length=l, extra_k_cache=e,
+      extra_indices_in_kvcache=ei, extra_topk_length=el, impl="mosaic", interpret=False)
+  exp = jax.export.export(jax.jit(f), platforms=["cuda"])(
+      q, cache, idx, lens, extra, idx[..., :20], lens, jnp.zeros((128,), jnp.float32))
+  txt = exp.mlir_module()
+  assert txt.count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
+
+
+def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
+  """impl="auto" on a (faked) compute-capability-9.0 GPU runs the Mosaic kernel for the FP8
+  caches and the Triton kernel where Mosaic does not cover the case (a bf16 cache); the
+  kernels themselves are stubbed (only the routing is under test)."""
+  import importlib
+  sd = importlib.import_module("pallas_kernels.sparse_decode")    # the module, not the function
+  ran = []
+  monkeypatch.setattr(msd, "run", lambda **kw: ran.append("mosaic"))
+  monkeypatch.setattr(sd, "_pallas_core", lambda **kw: ran.append("pallas"))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [type("H200", (), {"compute_capability": "9.0"})])
+  q, cache, idx, kw = _case("model1", 1, 1, 4, 40, seed=3)
+  bf16 = pk.KCache.from_bf16(cache.to_bf16(), "bf16")
+  for c in (cache, bf16):
+    pk.sparse_decode(q, c, idx, head_dim_v=DV, impl="auto", interpret=True)
+  assert ran == ["mosaic", "pallas"]
