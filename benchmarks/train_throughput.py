@@ -25,7 +25,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model1 import config as mconfig, sharding, steps, trainer  # noqa: E402
 
-PEAKS = {"gpu": 790e12}  # H200 measured bf16 matmul (DESIGN §7)
+PEAKS = {"gpu": 790e12}  # H200 measured bf16 matmul (docs/design.md §7)
 
 
 def load(path):

@@ -3,7 +3,7 @@
 Same plain block (dense FFN, one residual stream, no MTP), data, seeds and steps; only the
 attention geometry changes: at equal width/depth, and with the V3.2 model resized
 (d_model, then n_layers) to MODEL1's parameter count. A quarter of the training rows are
-passkey/MQAR examples, so retrieval accuracy is measurable (DESIGN §1).
+passkey/MQAR examples, so retrieval accuracy is measurable (docs/design.md §1).
 
 Run: python -m model1.ablate --suite=heads --tiny          # CPU, minutes
      python -m model1.ablate --suite=heads --seeds=0,1,2   # tiny preset, seq 256, 2000 steps

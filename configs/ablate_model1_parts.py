@@ -1,5 +1,5 @@
 """Each MODEL1 attention ingredient switched off alone: VVPA, attention sink, q-norm,
-grouped low-rank output (DESIGN §1), plus all four off.
+grouped low-rank output (docs/design.md §1), plus all four off.
 
 Run: python -m model1.ablate --suite=model1_parts --tiny
 """

@@ -1,4 +1,4 @@
-"""MLA attention in FlashMLA's two head geometries (DESIGN §1, §8).
+"""MLA attention in FlashMLA's two head geometries (docs/design.md §1, §8).
 
 **v32** (DeepSeek-V3.2, "576 heads"): q = wq_b(RMSNorm(wq_a x)) -> [B,T,N,128+64];
 the cache vector is c = [RMSNorm(latent) (512) | RoPE(k_pe) (64)] = 576 dims, from
@@ -19,7 +19,7 @@ Both forms expose ``cache_vector`` (what a KV cache stores per token, [B,T,d_qk]
 ``decode_queries`` (queries against that vector, [B,T,N,d_qk]) and ``decode_output``
 (attention over the cache -> [B,T,D]) so the decode path can run FlashMLA-style kernels.
 
-**Sparse attention** (``AttentionConfig.sparse``, DESIGN §2/§8) runs the MQA form (queries
+**Sparse attention** (``AttentionConfig.sparse``, docs/design.md §2/§8) runs the MQA form (queries
 against the cache vector) over a subset of keys, in query chunks (``attention_core``):
   * ``"dsa"`` (V3.2): a lightning indexer (``indexer.DSAIndexer``) picks the top-k tokens
     per query; its KL loss to the main attention is sown as ``AuxLoss`` "indexer_kl".

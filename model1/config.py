@@ -40,7 +40,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """MLA attention in one of the two FlashMLA geometries (DESIGN §1)."""
+  """MLA attention in one of the two FlashMLA geometries (docs/design.md §1)."""
   geometry: str = "model1"
   n_heads: int = 4
   q_lora_rank: int = 64
@@ -58,7 +58,7 @@ class AttentionConfig:
   q_norm: bool = True
   sink: bool = True
   grouped_output: bool = True
-  # sparse attention (DESIGN §2, §8): "dense" | "dsa" (V3.2 lightning indexer + top-k
+  # sparse attention (docs/design.md §2, §8): "dense" | "dsa" (V3.2 lightning indexer + top-k
   # tokens) | "compressed" (V4: sliding window + per-layer CSA/HCA compressed entries)
   sparse: str = "dense"
   index_n_heads: int = 4           # lightning indexer heads (64 at full size)

@@ -1,7 +1,7 @@
 """Diagnostics: where attention mass goes, how the Engram gates and MoE routers behave.
 
 Nothing here changes the model. Attention maps are computed by RE-RUNNING one layer's
-attention on its captured input with the layer's own public pieces (DESIGN §1/§4):
+attention on its captured input with the layer's own public pieces (docs/design.md §1/§4):
 
   q_BTNH = mla.decode_queries(x, pos)       queries against the cache vector (v32: wkv_b
                                             absorbed), [B,T,N,d_qk] with d_qk 576 / 512

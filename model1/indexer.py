@@ -17,7 +17,7 @@ Both always apply the Hadamard rotation to q and k, as DeepSeek does (so cached 
 keys match its cache); it is orthogonal, so q.k is unchanged in exact arithmetic, and the
 FP8/FP4 rounding after it is on only with ``AttentionConfig.qat``.
 
-Training (V3.2 recipe, DESIGN §2): the indexer learns from L_I = KL(p_t || softmax(I_t))
+Training (V3.2 recipe, docs/design.md §2): the indexer learns from L_I = KL(p_t || softmax(I_t))
 where p_t is the main attention summed over heads and L1-normalised (``kl_loss``). Dense
 warm-up: attention stays dense, L_I over all visible keys, and only indexer parameters
 are optimised (``is_indexer_param`` / ``INDEXER_PARAMS`` for the optimizer). Sparse stage:

@@ -1,4 +1,4 @@
-"""Fake quantisation for quantisation-aware training (QAT), as DeepSeek-V4 does (DESIGN §2).
+"""Fake quantisation for quantisation-aware training (QAT), as DeepSeek-V4 does (docs/design.md §2).
 
 What: in V4's forward pass some activations are rounded to a low-precision grid and
 straight back to float ("quantise-dequantise", the ``inplace=True`` calls of its
@@ -12,7 +12,7 @@ straight back to float ("quantise-dequantise", the ``inplace=True`` calls of its
 
 Per tile (``act_quant``): amax = max|x| clamped below at 1e-4; s = 2^ceil(log2(amax/448));
 q = e4m3(clip(x/s, ±448)); x̂ = q·s. Note the clamp is on amax, not on amax/448 as in the
-FP8 *cache* quantiser (``pallas_kernels.fp8_cache``, DESIGN §3): the grids differ for tiny
+FP8 *cache* quantiser (``pallas_kernels.fp8_cache``, docs/design.md §3): the grids differ for tiny
 tiles. FP4 (``fp4_act_quant``, indexer): amax clamped at 6·2^-126; s = 2^ceil(log2(amax/6));
 q = e2m1(clip(x/s, ±6)) (round to nearest, ties to even: grid 0, .5, 1, 1.5, 2, 3, 4, 6).
 

@@ -1,7 +1,7 @@
 """Reference attention (the oracles Pallas kernels are tested against): FlashMLA semantics.
 
 Checked against an independent float64 numpy loop over (batch, query, head) on the
-dequantised keys; plus the edge rules of DESIGN §4: sink, empty rows, NaN bytes behind
+dequantised keys; plus the edge rules of docs/design.md §4: sink, empty rows, NaN bytes behind
 invalid slots, topk_length, the extra cache, split-KV combine, causal masking, bad inputs.
 Shapes are tiny (blocks of 3-4 tokens, 4 heads) but keep the real 576/512 head geometry;
 they are shared so that the jitted cores compile once per format.

@@ -2,7 +2,7 @@
 
 The oracle is an independent numpy transcription of FlashMLA's ``tests/quant.py`` (amax
 in bf16 then fp32, s = 2^ceil(log2(max(amax/448, 1e-4))) via frexp, ml_dtypes e4m3fn
-round-to-nearest-even), checked byte-for-byte; hand-built tokens pin the DESIGN §3 offsets.
+round-to-nearest-even), checked byte-for-byte; hand-built tokens pin the docs/design.md §3 offsets.
 """
 import math
 
