@@ -190,6 +190,10 @@ def validate_run_config(cfg) -> None:
 
   def is_num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  need(not cfg.get("full_size"), "full_size", cfg.get("full_size"),
+       "a trainable config: DeepSeek-size configs are for parameter counts and the cost "
+       "model only (benchmarks/long_context_cost.py); import real weights with "
+       "python -m model1.convert")
   need(is_int(t.steps) and t.steps > 0, "train.steps", t.steps, "a positive int")
   need(is_int(t.log_every) and t.log_every > 0, "train.log_every", t.log_every,
        "a positive int")
