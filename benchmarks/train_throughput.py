@@ -10,7 +10,8 @@
 Runs the project's one train step (``model1.steps.train_step``) on synthetic tokens on the
 current backend and prints, as separate figures: the first step (trace + compile + one
 run), the steady step time and tokens/s (mean of ``--steps`` steps after it), and peak
-memory (host RSS of this process on CPU; the device's peak bytes in use on GPU).
+memory (host RSS of this process on CPU; the device's peak bytes in use on GPU), plus the
+process CPU time of the first and steady steps (robust when other jobs share the cores).
 ``--depth_sweep`` prints only the first-step time for n_layers 4, 11, 22 and 43 of the
 config (ratios and hash layers cut to the depth), each in a fresh process, and the ratio
 of the deepest to 11 layers (layers under ``lax.scan`` make it close to 1).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -113,24 +115,26 @@ def run(args) -> dict:
            "loss_mask": np.ones((B, T), np.float32)}
   with sharding.use_mesh(mesh):
     b = trainer.put_batch(batch, mesh)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = steps.train_step(model, opt, b)
     jax.block_until_ready(out["loss"])
-    compile_s = time.perf_counter() - t0
-    dt = float("nan")
+    compile_s, compile_cpu = time.perf_counter() - t0, time.process_time() - c0
+    dt = step_cpu = float("nan")
     if args.steps:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(args.steps):
         out = steps.train_step(model, opt, b)
       jax.block_until_ready(out["loss"])
       dt = (time.perf_counter() - t0) / args.steps
+      step_cpu = (time.process_time() - c0) / args.steps
   mem, mem_kind = peak_memory_gb()
   return {"config": args.config, "backend": jax.default_backend(),
           "devices": jax.device_count(), "dtype": mcfg.dtype, "remat": mcfg.remat,
           "scan_layers": mcfg.scan_layers, "n_layers": mcfg.n_layers,
           "plan": scan.describe(mcfg),
           "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
-          "batch": B, "seq": T, "compile_s": compile_s, "step_s": dt,
+          "batch": B, "seq": T, "compile_s": compile_s, "compile_cpu_s": compile_cpu,
+          "step_s": dt, "step_cpu_s": step_cpu, "load_avg": os.getloadavg()[0],
           "tokens_per_s": B * T / dt, "flops_per_token": flops_per_token(model, mcfg, T),
           "peak_mem_gb": mem, "mem_kind": mem_kind, "loss": float(out["loss"])}
 
@@ -145,6 +149,9 @@ def report(r: dict, peak_tflops: float | None) -> None:
   print(f"layer plan: {r['plan']}")
   print(f"compile (first step) {r['compile_s']:.1f} s | steady step {r['step_s'] * 1e3:.1f} ms"
         f" | {r['tokens_per_s']:,.0f} tokens/s | {r['mem_kind']} {r['peak_mem_gb']:.2f} GB")
+  print(f"process CPU time: first step {r['compile_cpu_s']:.1f} s, steady step "
+        f"{r['step_cpu_s'] * 1e3:.1f} ms | load average {r['load_avg']:.1f} on "
+        f"{os.cpu_count()} cores (wall times stretch when the machine is shared)")
   print(f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token (activated experts only) | "
         f"{tflops:.3f} TFLOP/s"
         + (f" | MFU {tflops * 1e12 / peak:.1%}" if peak else " | MFU n/a (no known peak)"))
@@ -191,10 +198,11 @@ def main():
       cmd += ["--scan_layers", str(args.scan_layers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[0])
-    times[n] = r["compile_s"]
-    print(f"n_layers={n:3d} compile (first step) {r['compile_s']:6.1f} s | "
+    times[n] = r["compile_cpu_s"]
+    print(f"n_layers={n:3d} compile (first step) {r['compile_s']:6.1f} s wall, "
+          f"{r['compile_cpu_s']:6.1f} s CPU (load {r['load_avg']:.1f}) | "
           f"{r['mem_kind']} {r['peak_mem_gb']:.2f} GB | plan: {r['plan']}", flush=True)
-  print(f"compile time ratio {SWEEP[-1]} / 11 layers: {times[SWEEP[-1]] / times[11]:.2f}")
+  print(f"compile CPU time ratio {SWEEP[-1]} / 11 layers: {times[SWEEP[-1]] / times[11]:.2f}")
 
 
 if __name__ == "__main__":
