@@ -14,15 +14,17 @@ from model1 import checkpoint, config, generate, scan, steps
 from model1.model import Transformer
 
 
-def _v4(**kw):
-  """Tiny V4: window-only hash layer, then [CSA 4, HCA 8] x 2 routed-MoE layers."""
+def _v4(head_dim=32, **kw):
+  """Tiny V4: window-only hash layer, then [CSA 4, HCA 8] x 2 routed-MoE layers
+  (``head_dim=512``: FlashMLA's MODEL1 head, which the decode caches need)."""
+  r = min(head_dim, 64)
   a = config.AttentionConfig(
-      geometry="model1", n_heads=2, q_lora_rank=16, head_dim=32, rope=config.RopeConfig(dim=32),
-      o_groups=2, o_lora_rank=16, sparse="compressed", window_size=8,
-      compress_ratios=(0, 4, 8, 4, 8),
-      compress_rope=config.RopeConfig(dim=32, theta=160000.0, yarn_factor=16.0,
+      geometry="model1", n_heads=2, q_lora_rank=16, head_dim=head_dim,
+      rope=config.RopeConfig(dim=r), o_groups=2, o_lora_rank=16, sparse="compressed",
+      window_size=8, compress_ratios=(0, 4, 8, 4, 8),
+      compress_rope=config.RopeConfig(dim=r, theta=160000.0, yarn_factor=16.0,
                                       original_max_len=65536),
-      index_n_heads=2, index_head_dim=32, index_topk=2, attn_chunk=8)
+      index_n_heads=2, index_head_dim=r, index_topk=2, attn_chunk=8)
   moe = config.MoEConfig(n_routed_experts=4, n_activated_experts=2, n_shared_experts=1,
                          moe_inter_dim=32, n_hash_layers=1, block_size=8)
   return config.ModelConfig(vocab_size=128, d_model=32, n_layers=5, max_seq_len=64,
@@ -115,16 +117,17 @@ def test_scanned_matches_unrolled(make, remat):
 
 
 def test_generate_same_tokens_both_ways():
-  prompts = [[5, 9, 3, 7, 1, 2, 8, 4, 6, 10], [11, 12, 13]]
-  sampling = generate.SamplingConfig(max_new_tokens=6)
+  prompts = [[5, 9, 3, 7, 1, 2, 8, 4, 6], [11, 12, 13]]
+  sampling = generate.SamplingConfig(max_new_tokens=4)
   out = []
   for sc in (False, True):
-    m = Transformer(_v4(scan_layers=sc), nnx.Rngs(1))
+    m = Transformer(_v4(512, scan_layers=sc), nnx.Rngs(1))
     g = generate.generate(m, prompts, sampling, return_logits=True)
     out.append(g)
   assert out[0].tokens == out[1].tokens
-  # bf16 caches in both: the same rounding, only fp32 reassociation differs
-  np.testing.assert_allclose(out[1].logits, out[0].logits, atol=1e-4)
+  # bf16 caches and queries in both: an fp32 reassociation difference upstream can flip
+  # one bf16 rounding (2^-8 relative) of a cached vector, so logits agree to ~1e-2
+  np.testing.assert_allclose(out[1].logits, out[0].logits, atol=5e-2)
 
 
 def _save_restore(tmp_path, cfg_from, cfg_to, meta_edit=None):
