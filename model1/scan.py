@@ -27,6 +27,12 @@ trace time refuses a slot whose blocks differ in anything but ``layer_id``).
 
 Remat (``ModelConfig.remat``): each block call is wrapped in ``jax.checkpoint`` with the
 chosen policy (``REMAT_POLICIES``), scanned or not.
+
+Decode takes and returns one cache per layer (``PagedKVCache.layers``); a scanned slot's
+caches are stacked into the scan's inputs and its new caches unstacked from its outputs,
+inside the jitted step. That costs copies of those caches per step (cheap next to the
+attention at the sizes this project decodes on CPU); keeping the caches stacked across
+steps is the next step for long-context GPU decoding.
 """
 from __future__ import annotations
 
