@@ -4,7 +4,8 @@
   python benchmarks/train_throughput.py --config=configs/small.py --batch=16 --seq=1024
   python benchmarks/train_throughput.py --config=configs/v4_tiny_peer.py --batch=4 --seq=256
   python benchmarks/train_throughput.py --config=configs/v4_tiny_peer.py --scan_layers=False
-  python benchmarks/train_throughput.py --config=configs/v4_tiny_peer.py --remat=full --dtype=bfloat16
+  python benchmarks/train_throughput.py --config=configs/v4_tiny_peer.py --remat=full \
+      --dtype=bfloat16
   python benchmarks/train_throughput.py --config=configs/v4_tiny_peer.py --depth_sweep
 
 Runs the project's one train step (``model1.steps.train_step``) on synthetic tokens on the

@@ -4,7 +4,8 @@ A checkpoint holds the model parameters, the optimizer state, the step and the t
 key as pure pytrees, plus JSON metadata (the model config) so restoring into an
 incompatible config fails clearly (fields that only change how the forward runs,
 ``remat`` and ``scan_layers``, are not compared). Restoring builds an abstract target
-carrying the *current* mesh's shardings, so a checkpoint written on one mesh shape restores on another.
+carrying the *current* mesh's shardings, so a checkpoint written on one mesh shape
+restores on another.
 
 Parameters are stored per layer (``model/layers/7/attn/wq_a/...``) whether the model runs
 its layers under ``lax.scan`` or unrolled (``model1.scan`` stacks them only while
