@@ -2,8 +2,15 @@
 
 A checkpoint holds the model parameters, the optimizer state, the step and the train rng
 key as pure pytrees, plus JSON metadata (the model config) so restoring into an
-incompatible config fails clearly. Restoring builds an abstract target carrying the
-*current* mesh's shardings, so a checkpoint written on one mesh shape restores on another.
+incompatible config fails clearly (fields that only change how the forward runs,
+``remat`` and ``scan_layers``, are not compared). Restoring builds an abstract target
+carrying the *current* mesh's shardings, so a checkpoint written on one mesh shape
+restores on another.
+
+Parameters are stored per layer (``model/layers/7/attn/wq_a/...``) whether the model runs
+its layers under ``lax.scan`` or unrolled (``model1.scan`` stacks them only while
+tracing), so a checkpoint saved by either mode restores into the other, and checkpoints
+written before ``scan_layers`` existed restore unchanged.
 """
 from __future__ import annotations
 
@@ -50,7 +57,8 @@ class Checkpointer:
   def restore(self, step: int, model, optimizer, model_cfg: dict, mesh=None):
     """Restore into ``model``/``optimizer`` in place (onto ``mesh``); returns the rng."""
     meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    saved = meta["meta"]["model"]
+    saved = _layout(meta["meta"]["model"])
+    model_cfg = _layout(model_cfg)
     if _canon(saved) != _canon(model_cfg):
       diff = {k: (saved.get(k), model_cfg.get(k)) for k in set(saved) | set(model_cfg)
               if _canon(saved.get(k)) != _canon(model_cfg.get(k))}
@@ -78,6 +86,15 @@ class Checkpointer:
   def close(self):
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+
+# Model fields that change how the forward runs, not what the parameters are: a
+# checkpoint moves freely between their values (and predates some of them).
+EXECUTION_FIELDS = ("remat", "scan_layers")
+
+
+def _layout(model_cfg: dict) -> dict:
+  return {k: v for k, v in dict(model_cfg).items() if k not in EXECUTION_FIELDS}
 
 
 def _canon(x):

@@ -16,6 +16,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 from model1.engram_hash import EngramConfig, head_sizes, table_rows
 from model1.mhc import MHCConfig
 from model1.moe import MoEConfig
@@ -178,7 +180,10 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   ffn: FFNConfig = FFNConfig()
   dtype: str = "float32"          # compute dtype; parameters stay float32
-  remat: bool = False
+  # rematerialisation of each block in the backward pass: "none", "full" or a
+  # jax.checkpoint_policies name (model1.scan.REMAT_POLICIES); True/False mean full/none
+  remat: str = "none"
+  scan_layers: bool = True        # lax.scan over repeating layer groups (model1.scan)
   init_std: float = 0.02
   # the V4 block (each part a switch for ablations)
   mhc: MHCConfig = MHCConfig(hc_mult=1)   # 1 = plain pre-norm residual
@@ -189,6 +194,11 @@ class ModelConfig:
   use_engram: bool = False
   engram: EngramConfig = EngramConfig(engram_vocab_size=(997, 997), n_embed_per_ngram=64,
                                       n_head_per_ngram=4, layer_ids=(1,))
+
+  def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy_name(self.remat))
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"model.scan_layers={self.scan_layers!r}; expected True or False")
 
   def is_moe_layer(self, layer_id: int) -> bool:
     return self.use_moe and layer_id >= self.n_dense_layers
@@ -215,6 +225,23 @@ class ModelConfig:
     if self.use_engram:
       self.engram.validate(self.n_layers)
     return self
+
+
+REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                 "everything_saveable")
+
+
+def remat_policy_name(remat) -> str:
+  """``ModelConfig.remat`` in canonical form: the old boolean flag (and its command-line
+  spellings "True"/"False") maps to "full"/"none"."""
+  if isinstance(remat, (bool, np.bool_)):
+    return "full" if remat else "none"
+  key = str(remat).strip()
+  key = {"true": "full", "false": "none", "1": "full", "0": "none",
+         "nothing_saveable": "full"}.get(key.lower(), key)
+  if key not in REMAT_CHOICES:
+    raise ValueError(f"model.remat={remat!r}; expected a bool or one of {REMAT_CHOICES}")
+  return key
 
 
 def _from_dict(cls, d: Mapping[str, Any]):

@@ -11,6 +11,9 @@ per-document ``positions``; attention never crosses a segment boundary.
 
 Forms: ``__call__`` (training; adds MTP losses when given the batch), ``prefill`` (also
 returns every layer's cache vectors) and ``decode`` (new tokens against paged caches).
+All three run the block stack through ``model1.scan``: runs of identical layers are one
+``lax.scan`` (``model.scan_layers``, default on; off = a plain Python loop), each block
+rematerialised by ``model.remat``. Parameters stay per layer (``layers.i.*``).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model1 import sharding
+from model1 import scan, sharding
 from model1.block import Block
 from model1.config import ModelConfig
 from model1.layers import AuxLoss, Dense, Embed, Metric, RMSNorm
@@ -43,28 +46,33 @@ class Transformer(nnx.Module):
     return jnp.dtype(self.cfg.dtype)
 
   def streams(self, tokens_BT, positions_BT=None, segment_ids_BT=None, engram_hash=None,
-              engram_emb=None, engram_end_B=None):
+              engram_emb=None, engram_end_B=None, return_kv: bool = True):
     """Residual streams after the last block [B,T,C,D], per-layer cache vectors and the
     Engram conv states {layer_id: [B,S,C,D]}. Engram inputs are keyed by str(layer_id):
-    ``engram_hash`` ids [B,T,A] or ``engram_emb`` pre-gathered rows [B,T,A,H]."""
+    ``engram_hash`` ids [B,T,A] or ``engram_emb`` pre-gathered rows [B,T,A,H].
+    ``return_kv=False`` (training) gives None for each layer's cache vectors."""
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
     x_BTD = self.embed(tokens_BT, self.dtype)
     h_BTCD = sharding.constrain(expand(x_BTD, self.cfg.mhc.hc_mult), STREAM_AXES)
-    kvs, states = [], {}
-    for layer in self.layers:
+
+    def call(layer, h_BTCD, _):
       eng = _engram_inputs(layer, engram_hash, engram_emb, end=engram_end_B)
-      if self.cfg.remat:
-        h_BTCD, kv, st = nnx.remat(lambda m, *a: m(*a))(layer, h_BTCD, positions_BT,
-                                                        segment_ids_BT, tokens_BT, eng)
-      else:
-        h_BTCD, kv, st = layer(h_BTCD, positions_BT, segment_ids_BT, tokens_BT, eng)
-      kvs.append(kv)
-      if st is not None:
-        states[str(layer.layer_id)] = st
-    return h_BTCD, kvs, states
+      h_BTCD, kv, st = layer(h_BTCD, positions_BT, segment_ids_BT, tokens_BT, eng)
+      return h_BTCD, kv if return_kv else None, st
+
+    h_BTCD, kvs, sts = self._run_layers(h_BTCD, call)
+    return h_BTCD, kvs, self._engram_states(sts)
+
+  def _run_layers(self, h_BTCD, call, xs=None):
+    """The block stack, scanned over repeating layer groups (``model1.scan``)."""
+    return scan.run_layers(self.layers, scan.layer_plan(self.cfg), h_BTCD, call, xs,
+                           remat=self.cfg.remat)
+
+  def _engram_states(self, sts) -> dict:
+    return {str(l.layer_id): st for l, st in zip(self.layers, sts) if st is not None}
 
   def logits(self, x_BTD):
     # the LM head multiplies in float32 whatever the compute dtype (as DeepSeek's does)
@@ -84,7 +92,7 @@ class Transformer(nnx.Module):
       raise ValueError("model.use_engram=True but no Engram hash ids were given; expected "
                        "batch['engram_hash'] (see model1.trainer.add_host_inputs)")
     h_BTCD, _, _ = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash,
-                                engram_emb)
+                                engram_emb, return_kv=False)
     logits_BTV = self.logits(self.final_hidden(h_BTCD))
     if len(self.mtp) and "targets" in batch:
       self._mtp_losses(h_BTCD, batch, positions_BT, segment_ids_BT)
@@ -113,16 +121,15 @@ class Transformer(nnx.Module):
     (and, for Engram layers, their hash ids and conv states); returns (logits [B,T,V],
     new caches, new Engram conv states)."""
     h_BTCD = expand(self.embed(tokens_BT, self.dtype), self.cfg.mhc.hc_mult)
-    new, states = [], {}
-    for layer, cache in zip(self.layers, caches):
-      step = (lambda mla, x, cache=cache: mla.decode(x, positions_BT, cache, block_table_BZ,
-                                                     seqlens_B, valid_BT, impl))
+
+    def call(layer, h_BTCD, cache):
+      step = (lambda mla, x: mla.decode(x, positions_BT, cache, block_table_BZ, seqlens_B,
+                                        valid_BT, impl))
       eng = _engram_inputs(layer, engram_hash, None, state=engram_state)
-      h_BTCD, cache, st = layer.decode(h_BTCD, step, tokens_BT, eng)
-      new.append(cache)
-      if st is not None:
-        states[str(layer.layer_id)] = st
-    return self.logits(self.final_hidden(h_BTCD)), new, states
+      return layer.decode(h_BTCD, step, tokens_BT, eng)
+
+    h_BTCD, new, sts = self._run_layers(h_BTCD, call, list(caches))
+    return self.logits(self.final_hidden(h_BTCD)), new, self._engram_states(sts)
 
 
 def _engram_inputs(layer, engram_hash, engram_emb, end=None, state=None) -> dict | None:

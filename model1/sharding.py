@@ -50,6 +50,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "engram_rows": ("fsdp", "tensor"),
     "engram_dim": (),
     "indexer_heads": (),
+    # the leading axis of per-layer states stacked for a scanned layer group
+    # (model1.scan); replicated: every device runs every layer
+    "layers": (),
     None: (),
 }
 
