@@ -82,20 +82,25 @@ def test_fp8_cache_stays_close_to_bf16(trained):
   assert fp8.cache.fmt == geom
   # compare logits only while both runs share the same context (up to and including the
   # first step whose sampled token differs)
-  agree, kls = [], []
+  same, steps, kls, gaps = 0, 0, [], []
   for b, p in enumerate(PROMPTS):
     n = min(len(ref.tokens[b]), len(fp8.tokens[b]))
     diff = [t for t in range(n) if ref.tokens[b][t] != fp8.tokens[b][t]]
     n = diff[0] + 1 if diff else n
     a, q = ref.logits[:n, b], fp8.logits[:n, b]
-    agree.append(np.mean(a.argmax(-1) == q.argmax(-1)))
+    same, steps = same + int(np.sum(a.argmax(-1) == q.argmax(-1))), steps + n
     pa, lq = jax.nn.softmax(a), jax.nn.log_softmax(q)
     kls.append(float(np.mean(np.sum(pa * (np.log(pa + 1e-30) - lq), -1))))
-  print(f"{geom}: fp8 vs bf16 cache top-1 agreement {np.mean(agree):.3f}, "
-        f"KL {np.mean(kls):.2e} nats")
-  # e4m3 keeps 3 mantissa bits (2^-4 relative per element): top-1 rarely flips on a
-  # confident model, and the KL stays small
-  assert np.mean(agree) >= 0.9 and np.mean(kls) < 0.05
+    if diff:  # how far apart the two chosen tokens were in the bf16 run's logits
+      t = diff[0]
+      gaps.append(float(a[t, ref.tokens[b][t]] - a[t, fp8.tokens[b][t]]))
+  print(f"{geom}: fp8 vs bf16 cache top-1 agreement {same / steps:.3f} over {steps} steps, "
+        f"KL {np.mean(kls):.2e} nats, flips at bf16 logit gaps {gaps}")
+  # e4m3 keeps 3 mantissa bits (2^-4 relative per element): the KL stays small, and
+  # top-1 flips only at near-ties of the bf16 run (gap < 0.25 on O(3) logits) and rarely
+  assert np.mean(kls) < 0.05
+  assert all(g < 0.25 for g in gaps), gaps
+  assert same / steps >= 0.85
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(fresh):
