@@ -38,6 +38,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -147,6 +148,21 @@ def _check_unknown(reader: hub.ShardReader, used: set, src: hub.Source) -> None:
                      f"names of this config (model1 has no variable for it)")
 
 
+@contextlib.contextmanager
+def _staged(dest: Path):
+  """A temporary sibling directory renamed to ``dest`` only if the block succeeds, so a
+  failure leaves nothing half-written (``dest`` may exist only as an empty directory)."""
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+  try:
+    yield tmp
+    if dest.exists():
+      dest.rmdir()
+    tmp.rename(dest)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def import_checkpoint(src_dir: str | Path, workdir: str | Path, layers=None,
                       dtype: str = "bfloat16", max_seq_len: int = 4096) -> dict:
   """DeepSeek checkpoint directory -> model1 run directory. Returns a summary dict."""
@@ -170,8 +186,7 @@ def import_checkpoint(src_dir: str | Path, workdir: str | Path, layers=None,
   nnx.replace_by_pure_dict(st, jax.tree.map(jnp.asarray, state))
   nnx.update(model, st)
   workdir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.tmp-", dir=workdir.parent))
-  try:
+  with _staged(workdir) as tmp:
     ck = checkpoint.Checkpointer(tmp)
     ck.save(0, model, opt, jax.random.key(0), run_cfg.model.to_dict(), force=True)
     ck.close()
@@ -186,12 +201,6 @@ def import_checkpoint(src_dir: str | Path, workdir: str | Path, layers=None,
     for f in TOKENIZER_FILES:
       if (src_dir / f).exists():
         shutil.copy(src_dir / f, tmp / f)
-    if workdir.exists():
-      workdir.rmdir()
-    tmp.rename(workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return {"workdir": str(workdir), "layers": (src.first_layer, src.first_layer + src.n_layers - 1),
           "shards_opened": list(reader.opened), "bytes_read": reader.bytes_read,
           "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))}
@@ -249,8 +258,7 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, fmt: str = "fp8"
     key = ".".join(e.names[0].split(".")[:2]) if e.names[0].startswith(("layers.", "mtp.")) else "top"
     groups.setdefault(key, {}).update(_encode(e, _get_path(state, e.path), fmt, src, names))
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  try:
+  with _staged(out_dir) as tmp:
     weight_map, n = {}, len(groups)
     for i, (_, tensors) in enumerate(sorted(groups.items())):
       fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
@@ -261,12 +269,6 @@ def export_checkpoint(workdir: str | Path, out_dir: str | Path, fmt: str = "fp8"
     for f in TOKENIZER_FILES:
       if (workdir / f).exists():
         shutil.copy(workdir / f, tmp / f)
-    if out_dir.exists():
-      out_dir.rmdir()
-    tmp.rename(out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return {"dir": str(out_dir), "shards": n, "tensors": len(weight_map), "format": fmt,
           "names": names}
 
