@@ -89,15 +89,21 @@ def test_kill_9_with_corrupt_latest_checkpoint_resumes_bit_identically(tmp_path,
   p = subprocess.Popen(_train_cmd(wd, f"--config.train.steps={2 * N}"), env=_ENV, cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = wd / "metrics.jsonl"
+
+  def finalized():  # checkpoints save asynchronously: a step directory appears once committed
+    d = wd / "checkpoints"
+    return sorted(int(c.name) for c in d.iterdir() if c.name.isdigit()) if d.exists() else []
+
   deadline = time.monotonic() + 300
   while p.poll() is None and time.monotonic() < deadline:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+    if (metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after
+        and finalized()):
       break
     time.sleep(0.05)
   p.kill()  # SIGKILL: no handler runs, the lock file stays behind
   if p.wait() == -9:
     assert (wd / "run.lock").exists()  # no handler ran: the resume must take it over
-  ckpts = sorted(int(d.name) for d in (wd / "checkpoints").iterdir() if d.name.isdigit())
+  ckpts = finalized()
   assert ckpts and ckpts[-1] >= 2, ckpts
   latest = ckpts[-1]
   for f in (wd / "checkpoints" / str(latest) / "state").rglob("d/*"):
