@@ -116,6 +116,10 @@ COL = 64                # key columns per gathered row piece (one 128-byte swizz
 V_CHUNK = 256           # value columns of consumer 0 (wgmma N <= 256)
 SMEM_LIMIT = 227 * 1024
 SUPPORTED = ((576, 512), (512, 512), (512, 448))     # (d_qk, d_v)
+# Rows of the small fp32 shared-memory buffer (BLOCK_K == BLOCK_H == 64 entries each).
+_IDX, _BIAS, _ALPHA, _SINK, _LSE, _FACTOR, _MAX = range(7)
+_N_SMALL = 7
+_BARRIERS = 9 * 8                                   # mbarriers, after the buffers
 
 
 def _raw_layout(rows: int, cols: int):
@@ -132,8 +136,8 @@ def smem_bytes(d: int, d_v: int) -> int:
   k = BLOCK_K * d * 2
   raw = 2 * HALF * d * 2
   p = BLOCK_H * BLOCK_K * 2
-  small = 2 * HALF * 4 + BLOCK_K * 4 + 4 * BLOCK_H * 4 + BLOCK_H * 4
-  return q + k + raw + p + small
+  small = -(-_N_SMALL * BLOCK_H * 4 // 1024) * 1024   # allocations are 1 KiB aligned
+  return q + k + raw + p + small + _BARRIERS
 
 
 def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_ref, o_ref,
@@ -145,9 +149,16 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
   n_tiles = jnp.minimum((length + BLOCK_K - 1) // BLOCK_K, idx_ref.shape[1] // BLOCK_K)
   heads = pl.ds(hb * BLOCK_H, BLOCK_H)
 
-  def scoped(q_smem, p_smem, kbf, raw, idx_smem, bias_smem, vec_smem, alpha_smem, raw_bar,
-             idx_bar, ready, consumed, q_bar, p_bar, fin_bar):
+  def scoped(q_smem, p_smem, kbf, raw, small, raw_bar, idx_bar, ready, consumed, q_bar, p_bar,
+             fin_bar):
     wg = lax.axis_index("wg")
+    # One fp32 buffer for the small vectors (each shared-memory allocation is aligned to
+    # 1 KiB, and d_qk 576 leaves ~1 KiB): row _IDX holds the two halves' indices (int32
+    # bits: the kernel gets them bitcast to fp32), then the key bias, the rescale factors,
+    # sink, lse, output factor and max_logits of the 64 heads.
+    idx_smem = small.at[_IDX]
+    bias_smem, alpha_smem = small.at[_BIAS], small.at[_ALPHA]
+    as_int = lambda x: lax.bitcast_convert_type(x, jnp.int32)
 
     # ------------------------------------------------------------------ producer
     def gather(c, h):
@@ -155,12 +166,14 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
       base = c * BLOCK_K + h * HALF
       # The half's indices land in shared memory first (one copy, one wait), so the token
       # loop reads each index from SMEM instead of paying a global-memory latency per token.
-      plgpu.copy_gmem_to_smem(idx_ref.at[t, pl.ds(base, HALF)], idx_smem.at[h], idx_bar.at[h])
+      halfs = pl.ds(h * HALF, HALF)
+      plgpu.copy_gmem_to_smem(idx_ref.at[t, pl.ds(base, HALF)], idx_smem.at[halfs],
+                              idx_bar.at[h])
       plgpu.barrier_wait(idx_bar.at[h])
 
       @pl.loop(0, HALF)
       def _token(x):
-        i = idx_smem[h, x]
+        i = as_int(idx_smem[h * HALF + x])
         row = jnp.where((i >= 0) & (i < n_rows) & (base + x < length), i, 0)  # invalid: row 0
         plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1)], raw.at[h, pl.ds(x, 1)],
                                 raw_bar.at[h])
@@ -171,7 +184,7 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
       row_l = tile_l.reduce(1)
       T = lambda x: plgpu.layout_cast(x, tile_l)
       R = lambda x: plgpu.layout_cast(x, row_l)
-      idx_K = plgpu.load(idx_smem.at[h], layout=row_l)
+      idx_K = R(as_int(plgpu.load(idx_smem.at[pl.ds(h * HALF, HALF)], layout=row_l)))
       pos_K = (c * BLOCK_K + h * HALF
                + plgpu.broadcasted_iota(jnp.int32, (HALF,), 0, layout=row_l))
       valid_K = (idx_K >= 0) & (idx_K < n_rows) & (pos_K < length)
@@ -222,7 +235,7 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
       cols = pl.ds(w * V_CHUNK, width)
       if w == 0:
         plgpu.copy_gmem_to_smem(q_ref.at[t, heads], q_smem, q_bar)
-        plgpu.copy_gmem_to_smem(sink_ref.at[heads], vec_smem.at[0], q_bar)
+        plgpu.copy_gmem_to_smem(sink_ref.at[heads], small.at[_SINK], q_bar)
         plgpu.barrier_wait(q_bar)
         scale = scale_ref[0]
 
@@ -274,18 +287,18 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
         live = l_N > 0
         l_safe = jnp.where(live, l_N, 1.0)
         lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
-        sink = plgpu.load(vec_smem.at[0], layout=row_layout)
+        sink = plgpu.load(small.at[_SINK], layout=row_layout)
         factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
-        vec_smem[1] = jnp.where(live, lse, jnp.inf)
-        vec_smem[2] = factor
-        vec_smem[3] = m_N                # -inf when nothing was valid
+        small[_LSE] = jnp.where(live, lse, jnp.inf)
+        small[_FACTOR] = factor
+        small[_MAX] = m_N                # -inf when nothing was valid
         plgpu.commit_smem()
         # Q is dead from here on (its last QK^T is done): warpgroup 1 may write its
         # columns of the output into Q's buffer.
         plgpu.barrier_arrive(fin_bar)
       else:
         plgpu.barrier_wait(fin_bar)
-        factor = plgpu.load(vec_smem.at[2], layout=row_layout)
+        factor = plgpu.load(small.at[_FACTOR], layout=row_layout)
       out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
       q_smem[:, cols] = out.astype(jnp.bfloat16)
       plgpu.commit_smem()
@@ -295,8 +308,8 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
         rows_g = pl.ds(g * 8, 8)
         plgpu.copy_smem_to_gmem(q_smem.at[rows_g, cols], o_ref.at[t, heads].at[rows_g, cols])
       if w == 0:
-        plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[t, heads])
-        plgpu.copy_smem_to_gmem(vec_smem.at[3], max_ref.at[t, heads])
+        plgpu.copy_smem_to_gmem(small.at[_LSE], lse_ref.at[t, heads])
+        plgpu.copy_smem_to_gmem(small.at[_MAX], max_ref.at[t, heads])
       plgpu.wait_smem_to_gmem(0)
 
     for w in range(2):                 # static w: static shared-memory slices
@@ -311,10 +324,7 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
       # Raw stages are plain row-major (no transforms): each token row is written by its
       # own TMA copy, which a multi-row tiling would not allow.
       plgpu.SMEM((2, HALF, d // COL, COL), jnp.bfloat16),
-      plgpu.SMEM((2, HALF), jnp.int32),
-      plgpu.SMEM((BLOCK_K,), jnp.float32),             # key bias: 0 valid, -inf invalid
-      plgpu.SMEM((4, BLOCK_H), jnp.float32),           # sink, lse, output factor, max
-      plgpu.SMEM((BLOCK_H,), jnp.float32),             # rescale factors
+      plgpu.SMEM((_N_SMALL, BLOCK_H), jnp.float32),    # indices, bias, alpha, sink, ...
       plgpu.Barrier(num_arrivals=HALF, num_barriers=2),   # one arrival per token copy
       plgpu.Barrier(num_arrivals=1, num_barriers=2),
       plgpu.Barrier(num_arrivals=1),                   # ready
@@ -379,6 +389,10 @@ def run(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, interpret=None
                 jax.ShapeDtypeStruct((s_q, hp), jnp.float32),
                 jax.ShapeDtypeStruct((s_q, hp), jnp.float32)),
       grid=(s_q, n_hb), grid_names=("row", "hb"), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-      interpret=interpret)(topk_length, sm_scale.reshape(1), q_TNH, sink_N, idx_TX, kv_SJC)
+      # No cross-warp reductions (the softmax reduces within warps): no reduction scratch,
+      # whose default 2 KiB would not fit beside the d_qk 576 tiles.
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                           reduction_scratch_bytes=0),
+      interpret=interpret)(topk_length, sm_scale.reshape(1), q_TNH, sink_N,
+                           lax.bitcast_convert_type(idx_TX, jnp.float32), kv_SJC)
   return out[:, :h_q], max_logits[:, :h_q], lse[:, :h_q]
