@@ -11,6 +11,7 @@ semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
   dispatch        ``resolve_impl``: which implementation ``impl="auto"`` means, per kernel.
   dense_decode    ``dense_decode`` (flash_mla_with_kvcache, paged, optional causal).
   sparse_prefill  ``sparse_prefill`` (flash_mla_sparse_fwd).
+  mosaic_sparse_prefill  its Hopper (sm_90a) Pallas Mosaic GPU kernel (bf16 keys).
   combine         split-KV log-sum-exp combine.
   softmax         the one sink-aware masked softmax / LSE (one-shot and online forms),
                   shared by the references, the kernels, the combine and ``model1``.
@@ -20,9 +21,9 @@ semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
                   (with 64-bit-safe addressing) they read.
 
 Each attention function takes ``impl="xla"`` (plain-jnp reference, the test oracle) or
-``impl="pallas"`` (Pallas Triton kernels; interpret mode on CPU); ``sparse_decode`` also
-``impl="mosaic"`` (the Hopper Pallas Mosaic GPU kernel, ``mosaic_sparse_decode``; GPU
-interpret mode on CPU) and ``impl="auto"`` (``dispatch.resolve_impl``); ``*_reference``
+``impl="pallas"`` (Pallas Triton kernels; interpret mode on CPU); ``sparse_decode`` and
+``sparse_prefill`` also ``impl="mosaic"`` (the Hopper Pallas Mosaic GPU kernels,
+``mosaic_sparse_decode`` / ``mosaic_sparse_prefill``; GPU interpret mode on CPU) and ``impl="auto"`` (``dispatch.resolve_impl``); ``*_reference``
 are the oracles themselves.  Bad arguments raise ``ValueError`` before anything runs.
 """
 from pallas_kernels.combine import combine_splits

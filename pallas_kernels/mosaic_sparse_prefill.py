@@ -59,12 +59,15 @@ swizzled layout wgmma needs (a tiled destination takes whole 8-row tiles); the r
 copy-out is also where invalid tokens become exact zeros, so NaN rows behind invalid
 indices (an unused, uninitialised slot) never reach a dot product.
 
-Shared memory per CTA (``smem_bytes``):
-  d_qk 576: Q 64x576x2 = 73.7 KB; K 64x576x2 = 73.7 KB; raw 2 x 32x576x2 = 73.7 KB;
-            P 64x64x2 = 8.2 KB; indices/bias/sink/max/lse/factors 1.5 KB  ->  230.9 KB
-            = 225.5 KiB (<= 227 KiB).  This is why P has one slot and the raw stages are
-            half tiles: a full 64-token raw stage or a second K stage does not fit.
-  d_qk 512: Q 65.5 KB; K 65.5 KB; raw 65.5 KB; P 8.2 KB; 1.5 KB  ->  206.3 KB.
+Shared memory per CTA (``smem_bytes``; Mosaic GPU aligns each allocation to 1 KiB):
+  d_qk 576: Q 64x576x2 = 72 KiB; K 64x576x2 = 72 KiB; raw 2 x 32x576x2 = 72 KiB;
+            P 64x64x2 = 8 KiB; one fp32 buffer for indices/bias/rescale/sink/lse/factor/
+            max (7 x 64 x 4 = 1.75 -> 2 KiB); 9 mbarriers 72 B  ->  231,496 B = 226.1 KiB
+            (<= 227 KiB = 232,448 B; checked by the CUDA lowering).  This is why P has one
+            slot, the raw stages are half tiles, the small vectors share one allocation
+            and the reduction scratch is 0 (the softmax reduces within warps): a full
+            64-token raw stage or a second K stage does not fit.
+  d_qk 512: Q 64 KiB; K 64 KiB; raw 64 KiB; P 8 KiB; 2 KiB; 72 B  ->  206,920 B = 202 KiB.
   The output reuses Q's buffer (warpgroup 1 writes its columns after warpgroup 0 signals
   that its last QK^T is done).
 

@@ -35,11 +35,12 @@ import jax.numpy as jnp
 
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _tiles, cache_view, softmax
+from pallas_kernels import _tiles, cache_view, dispatch, softmax
 from pallas_kernels.fp8_cache import host_value, require
 from pallas_kernels.tuning import KernelTuning, SparsePrefillTuning, check_tuning  # noqa: F401
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "mosaic")
+dispatch.register_mosaic("sparse_prefill")   # impl="mosaic": mosaic_sparse_prefill.py
 
 
 def validate_sparse_prefill_args(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None,
@@ -177,17 +178,32 @@ def sparse_prefill(q, kv, indices, *, sm_scale, d_v=512, attn_sink=None, topk_le
     d_v: value dims (the first d_v of the key).
     attn_sink: optional fp32 ``[h_q]``: out *= 1/(1+exp(sink-lse)); lse/max_logits unchanged.
     topk_length: optional int32 ``[s_q]``: query t uses indices[t, 0, :topk_length[t]].
-    impl: "xla" (the reference) or "pallas" (the Triton kernel; interpret mode on CPU).
-      The kernel needs d_qk 576 or 512 and d_v = d_qk - 64 or d_qk (whole key tiles).
+    impl: "xla" (the reference), "pallas" (the Triton kernel; interpret mode on CPU;
+      needs d_qk 576 or 512 and d_v = d_qk - 64 or d_qk, whole key tiles), "mosaic" (the
+      Hopper Pallas Mosaic GPU kernel, ``mosaic_sparse_prefill``; (d_qk, d_v) = (576,
+      512), (512, 512) or (512, 448); GPU interpret mode on CPU) or "auto"
+      (``dispatch.resolve_impl``: "mosaic" on Hopper when it covers the case, else
+      "pallas" on a GPU, "xla" elsewhere).
     tuning: ``KernelTuning`` for impl="pallas" (no split-KV; default: its defaults).
-    interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
+    interpret: run the kernel in (Pallas, or for "mosaic" GPU) interpret mode; default:
+      when the backend is CPU.
   Returns:
     out bf16 ``[s_q, h_q, d_v]``, max_logits fp32 ``[s_q, h_q]`` (-inf if no valid index),
     lse fp32 ``[s_q, h_q]`` (+inf if no valid index), both of the scaled logits, natural log.
   """
-  require(impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}")
+  expected = (dispatch.AUTO,) + IMPLS
+  require(impl in expected, f"impl={impl!r}: expected one of {expected}")
   args = validate_sparse_prefill_args(q, kv, indices, sm_scale=sm_scale, d_v=d_v,
                                       attn_sink=attn_sink, topk_length=topk_length)
+  if impl == dispatch.AUTO:
+    impl = dispatch.resolve_impl(impl, kernel="sparse_prefill")
+    if impl == "mosaic":
+      from pallas_kernels import mosaic_sparse_prefill
+      if not mosaic_sparse_prefill.supports(args, d_v):
+        impl = "pallas"
+  if impl == "mosaic":                 # Hopper Pallas Mosaic GPU kernel: mosaic_sparse_prefill.py
+    from pallas_kernels import mosaic_sparse_prefill
+    return mosaic_sparse_prefill.sparse_prefill(args, d_v, interpret)
   if impl == "pallas":
     _tiles.key_layout("bf16", q.shape[-1], d_v)                   # ValueError if untileable
     return _pallas_core(**args, d_v=d_v, tuning=check_tuning(tuning, can_split=False),
