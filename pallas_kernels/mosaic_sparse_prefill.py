@@ -244,7 +244,8 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
 
       def step(c, carry):
         acc, m_N, l_N = carry
-        plgpu.barrier_wait(ready)
+        if brk != "no_barrier":
+          plgpu.barrier_wait(ready)
         if w == 0:
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem, kbf.T)
@@ -370,8 +371,8 @@ def run(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, interpret=None
   """The Mosaic GPU kernel on validated arguments (``sparse_prefill_mla_mosaic``).
 
   ``interpret``: None = real kernel; an ``InterpretGPUParams`` = GPU interpret mode (CPU).
-  ``_break`` (tests only): "drop_key" drops each tile's second key; the tests check that
-  it fails.  Returns out bf16 ``[s_q, h_q, d_v]``, max_logits and lse fp32 ``[s_q, h_q]``.
+  ``_break`` (tests only): "drop_key" drops each tile's second key, "no_barrier" removes
+  the consumers' wait on the producer's "ready" barrier; the tests check that both fail.  Returns out bf16 ``[s_q, h_q, d_v]``, max_logits and lse fp32 ``[s_q, h_q]``.
   """
   s_q, h_q, d = q.shape
   s_kv = kv.shape[0]
