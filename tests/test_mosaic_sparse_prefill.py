@@ -77,8 +77,9 @@ def _run(q, kv, idx, kw, params, brk=None):
 
 @pytest.fixture(scope="module")
 def model1_case():
-  """MODEL1 keys, 2 heads, 3 query rows: top-k 40 with lengths 37 / 40 / 0 (an empty row)."""
-  q, kv, idx, kw = _case(512, 512, 2, 3, 40, lengths=[37, 40, 0])
+  """MODEL1 keys, 2 heads, 3 query rows: top-k 100 (two tiles: the raw stages, the K tile
+  and the P slot are reused under the race detector) with lengths 70 / 100 / 0 (empty)."""
+  q, kv, idx, kw = _case(512, 512, 2, 3, 100, lengths=[70, 100, 0])
   return q, kv, idx, kw, pk.sparse_prefill_reference(q, kv, idx, **kw)
 
 
