@@ -1,4 +1,5 @@
-"""Sparse decode benchmark with the Mosaic GPU (Hopper) kernel beside the XLA and Triton paths.
+"""Sparse decode and sparse prefill benchmarks with the Mosaic GPU (Hopper) kernels beside the
+XLA and Triton paths.
 
 What: ``bench_attention``'s sparse-decode cases (FlashMLA's V32 shape b=128, h=128, s_q=2,
 top-k 2048, and the MODEL1 window + compressed shapes), timed for ``impl`` = "xla",
@@ -10,11 +11,20 @@ a 128-byte scale window (its 16 / 7 scale bytes plus the following tokens'), i.e
 656 -> ~752 B (v32) and 584 -> ~696 B (model1) per token; a second 64-head block of the
 same query row re-reads the same tokens, mostly from L2, so it is not counted twice.
 
-On CPU (default there) it runs two tiny cases in GPU interpret mode as a smoke test: the
+Sparse prefill (``pallas_kernels/mosaic_sparse_prefill.py``; section below ``main``):
+FlashMLA's prefill shape (s_q 4096, s_kv 8192, h 128, top-k 2048, d_qk 576 and 512) and a
+MODEL1 compressed-attention shape (h 64, top-k 512, s_kv 65536), same columns.  The kernel
+reads exactly the selected bf16 rows (d_qk x 2 B per token, no over-fetch), so the nominal
+byte model is what its gathers move, from DRAM or L2; it also prints the DRAM bound when
+every key row is read from DRAM once (s_kv x d_qk x 2 + q + out), the byte count to use
+when the keys fit in the 50 MB L2 (s_kv 8192: 9.4 MB).
+
+On CPU (default there) it runs tiny cases in GPU interpret mode as a smoke test: the
 times then measure the interpreter.  Targets (issue "Hopper-native FP8 MLA kernels"): FP8
 sparse decode >= 330 TFLOP/s at the V32 shape, faster than XLA and Triton everywhere.
 
 Usage:  python benchmarks/bench_mosaic.py [--smoke] [--impls xla,pallas,mosaic] [--iters 20]
+          [--ops sparse_decode,sparse_prefill]
 """
 from __future__ import annotations
 
@@ -56,8 +66,13 @@ def main(argv=None) -> None:
   p.add_argument("--smoke", action="store_true", help="tiny shapes (default on CPU)")
   p.add_argument("--impls", default="xla,pallas,mosaic", help="comma-separated impls")
   p.add_argument("--iters", type=int, default=None, help="calls per timing run")
+  p.add_argument("--ops", default="sparse_decode,sparse_prefill", help="comma-separated ops")
   a = p.parse_args(argv)
   smoke = a.smoke or jax.default_backend() == "cpu"
+  if "sparse_prefill" in a.ops.split(","):
+    sparse_prefill_main(tuple(a.impls.split(",")), a.iters, smoke)
+  if "sparse_decode" not in a.ops.split(","):
+    return
   geo_cases = cases(smoke)
   for geometry, c in geo_cases:
     # attended tokens x bytes/token over all rows: the part of the byte model that is cache.
@@ -80,6 +95,34 @@ def _q_out_bytes(c: ba.Case) -> float:
   b, h, s_q = int(f["b"]), int(f["h"]), int(f["s_q"])
   d = ba.D_QK[c.label.split()[0]]
   return b * s_q * (h * d * 2 + h * ba.D_V * 2)
+
+
+# ----------------------------------------------------------------------------- sparse prefill
+
+
+def sparse_prefill_cases(smoke: bool):
+  """(case, s_kv) pairs; smoke: one query row block per key width, one or three tiles."""
+  if smoke:
+    shapes = [(512, 4, 128, 16, 64), (576, 2, 128, 16, 150)]
+  else:
+    shapes = [(576, 4096, 8192, 128, 2048), (512, 4096, 8192, 128, 2048),
+              (512, 4096, 65536, 64, 512)]
+  return [(ba.sparse_prefill_case(*s), s) for s in shapes]
+
+
+def sparse_prefill_main(impls, iters, smoke: bool) -> None:
+  print("sparse prefill (bf16 keys): nominal bytes = every selected row of every query")
+  pairs = sparse_prefill_cases(smoke)
+  rows = ba.run([c for c, _ in pairs], iters or (1 if smoke else 20), 40.0, impls=impls)
+  print("\nsparse prefill, DRAM bound with each key row read once (L2 serves the re-reads):")
+  for c, (d, s_q, s_kv, h, _) in pairs:
+    once = s_kv * d * 2 + s_q * h * (d + ba.D_V) * 2
+    for r in rows:
+      if r["case"] == c.label and "us" in r:
+        roof = max(once / ba.HBM_BPS, c.flops / ba.BF16_FLOPS)
+        print(f"  {c.label:<44} {r['impl']:<6} {once / 1e6:9.1f} MB "
+              f"{once / (r['us'] * 1e-6) / 1e9:9.1f} GB/s  {c.flops / (r['us'] * 1e-6) / 1e12:7.1f}"
+              f" TFLOP/s  roofline {100 * roof / (r['us'] * 1e-6):5.1f}%")
 
 
 if __name__ == "__main__":
