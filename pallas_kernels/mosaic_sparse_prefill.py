@@ -10,9 +10,10 @@ Covers d_qk 576 (V3.2) and 512 (MODEL1) with d_v 512, and d_qk 512 with d_v 448.
 
 Design (after FlashMLA's ``sm90/prefill/sparse`` kernel, not a port of our Triton tiling):
 
-  * One CTA per (query position, 64-head block): grid ``(s_q, ceil(h_q / 64))``, heads
-    padded to 64 (wgmma's M); the head-block axis is the fastest, so the CTAs of one query
-    position (h_q = 128: two) run side by side and the second one's gathers hit L2.
+  * One CTA per (query position, 64-head block): a flat grid of ``s_q * ceil(h_q / 64)``
+    CTAs (CUDA's grid y and z stop at 65535, a prefill's s_q need not), heads padded to 64
+    (wgmma's M); the head block varies fastest, so the CTAs of one query position
+    (h_q = 128: two) run side by side and the second one's gathers hit L2.
     Three warpgroups (``num_threads=3``):
       - warpgroup 2, the producer: gathers the selected key rows with TMA into raw
         shared-memory stages (32 tokens each), copies each stage through registers into
@@ -144,10 +145,13 @@ def smem_bytes(d: int, d_v: int) -> int:
 
 
 def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_ref, o_ref,
-                              max_ref, lse_ref, *, d, d_v, n_rows, interpreted, brk=None):
+                              max_ref, lse_ref, *, d, d_v, n_rows, n_hb, interpreted,
+                              brk=None):
   """Kernel body: one CTA = one query position x one 64-head block (see the module notes)."""
-  t = lax.axis_index("row")
-  hb = lax.axis_index("hb")
+  # One flat grid axis, head block fastest: CUDA's grid x holds 2^31 - 1 CTAs where y and z
+  # hold 65535 (a prefill's s_q can be larger), and neighbouring CTAs share a query row.
+  cta = lax.axis_index("cta")
+  t, hb = cta // n_hb, cta % n_hb
   length = lens_ref[t]
   n_tiles = jnp.minimum((length + BLOCK_K - 1) // BLOCK_K, idx_ref.shape[1] // BLOCK_K)
   heads = pl.ds(hb * BLOCK_H, BLOCK_H)
@@ -346,6 +350,9 @@ def check_supported(q, kv, d_v: int) -> None:
           f"d_qk={d}, d_v={d_v}: impl='mosaic' sparse prefill covers (d_qk, d_v) in "
           f"{SUPPORTED} (two wgmma value accumulators of <= 256 columns; use impl='pallas')")
   require(kv.shape[0] >= 1, f"kv shape={kv.shape}: impl='mosaic' needs s_kv >= 1")
+  ctas = q.shape[0] * -(-q.shape[1] // BLOCK_H)
+  require(ctas < 2 ** 31, f"q shape={q.shape}: impl='mosaic' runs s_q x ceil(h_q / 64) = "
+          f"{ctas} CTAs, expected < 2^31 (split the query rows)")
   need = smem_bytes(d, d_v)
   require(need <= SMEM_LIMIT, f"shared memory {need} B > {SMEM_LIMIT} B per CTA")
 
@@ -385,14 +392,14 @@ def run(q, kv, indices, sm_scale, attn_sink, topk_length, *, d_v, interpret=None
   if pad:
     idx_TX = jnp.pad(idx_TX, ((0, 0), (0, pad)), constant_values=-1)
   kv_SJC = kv.reshape(s_kv, d // COL, COL)          # a bitcast: one [1, d/64, 64] TMA box per row
-  kernel = functools.partial(sparse_prefill_mla_mosaic, d=d, d_v=d_v, n_rows=s_kv,
+  kernel = functools.partial(sparse_prefill_mla_mosaic, d=d, d_v=d_v, n_rows=s_kv, n_hb=n_hb,
                              interpreted=interpret is not None, brk=_break)
   out, max_logits, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((s_q, hp, d_v), jnp.bfloat16),
                 jax.ShapeDtypeStruct((s_q, hp), jnp.float32),
                 jax.ShapeDtypeStruct((s_q, hp), jnp.float32)),
-      grid=(s_q, n_hb), grid_names=("row", "hb"), num_threads=3, thread_name="wg",
+      grid=(s_q * n_hb,), grid_names=("cta",), num_threads=3, thread_name="wg",
       # No cross-warp reductions (the softmax reduces within warps): no reduction scratch,
       # whose default 2 KiB would not fit beside the d_qk 576 tiles.
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
