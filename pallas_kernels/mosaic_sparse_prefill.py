@@ -45,8 +45,8 @@ Design (after FlashMLA's ``sm90/prefill/sparse`` kernel, not a port of our Trito
 
 Per-token gather, and why this way.  Hopper has no TMA gather (``cp.async.bulk.tensor``
 gather4 is Blackwell-only; Mosaic GPU's indexed ``copy_gmem_to_smem`` lowers to it and so
-needs sm_100); FlashMLA uses ``cp.async`` from its producer threads, which Mosaic GPU only
-offers below sm_90 and without gathers.  So: one TMA copy per token row, all of a 32-token
+needs sm_100); per-thread ``cp.async`` copies, which Mosaic GPU only uses below sm_90 and
+does not offer with gathers, are not available either.  So: one TMA copy per token row, all of a 32-token
 stage completing on one mbarrier (arrival count 32), so the producer never blocks per
 token and the copy-out sees the stage through one wait.  The key is viewed as
 ``[s_kv, d_qk / 64, 64]`` so that one copy moves the whole 1152 B / 1024 B row (Mosaic GPU
@@ -83,8 +83,8 @@ at 790/132 TFLOP/s per SM; the producer's copy-out (64 x 576 x 2 = 74 KB through
 registers: ~0.6K shared-memory wavefronts each way, ~0.7 us) and the 64 TMA issues from
 one thread (~0.5-1 us) overlap the consumers' wgmmas of the same tile only partly (one K
 stage: the consumers wait for each copy-out).  Expected ~1.5 / (1.5 + 0.7) ~ 60-70 % of
-the bf16 peak, ~470-550 TFLOP/s, at best; FlashMLA's sm90 sparse prefill reaches ~640
-TFLOP/s on H800 with a second K stage.  The levers, in order: a second K stage (needs Q
+the bf16 peak, ~470-550 TFLOP/s, at best (FlashMLA reports up to ~640 TFLOP/s for its
+sm90 sparse prefill on H800).  The levers, in order: a second K stage (needs Q
 in two halves or 32-token K tiles: the budget above is full), the copy-out spread over a
 second producer warpgroup, the consumers' P V of tile c overlapping QK^T of tile c + 1.
 
