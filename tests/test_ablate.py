@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, one_device_env
 
 pytestmark = pytest.mark.xdist_group("ablate")  # one worker: the fixture's runs are shared
 
-FAST_COMPILE = ("--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-                " --xla_llvm_disable_expensive_passes=true")
+FAST_COMPILE = one_device_env()["XLA_FLAGS"]
 SMOKE_SUITES = ("model1_parts", "sparse", "v4_block", "engram", "kv_cache")
 # MQAR-beats-chance budget: a 2-layer d=64 MODEL1 model, every row synthetic (half MQAR,
 # half passkey), batch 16, lr 3e-3, 150 steps. Measured: ~0.10 accuracy at L=32/64 against
@@ -152,7 +151,7 @@ def test_eval_cli_long_context_and_position(runs):
   runs.wait("heads")
   res = _result(runs.base / "heads")
   run_dir = res["variants"][0]["seeds"][0]["run_dir"]
-  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHONPATH=str(ROOT))
+  env = one_device_env()
   cmds = {m: subprocess.Popen([sys.executable, "eval.py", f"--workdir={run_dir}", f"--mode={m}",
                                "--lengths=32,256", "--n_trials=16", "--eval_batches=2"],
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

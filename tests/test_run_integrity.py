@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_run_config
+from conftest import ROOT, one_device_env, tiny_run_config
 from model1 import checkpoint, cli, trainer
 
 pytestmark = pytest.mark.xdist_group("run_integrity")  # one worker: shares the trained run
@@ -161,8 +161,7 @@ def test_every_train_and_data_field_is_validated(section, key, value, expected):
 
 
 def _cli(*args, timeout=120):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(ROOT))
+  env = one_device_env()
   return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, load_config, plain, shrink
+from conftest import ROOT, load_config, one_device_env, plain, shrink
 from model1 import checkpoint, config, cost, sharding, trainer
 from model1.model import Transformer
 
@@ -48,8 +48,7 @@ def _train_cmd(workdir, *flags):
           "--config.train.keep_checkpoints=5", *flags]
 
 
-_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-            PYTHONPATH=str(ROOT))
+_ENV = one_device_env()
 N = 3  # the runs train 2 * N steps
 
 
