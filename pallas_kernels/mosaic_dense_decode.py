@@ -443,6 +443,11 @@ def check_supported(cache, d_qk: int, head_dim_v: int) -> None:
   require(ci.h_kv == 1,
           f"k_cache h_kv={ci.h_kv}: impl='mosaic' dense decode reads one KV head (MLA); "
           "use impl='pallas' for more")
+  # The bf16 TMA writes the swizzled K tile directly, and Mosaic GPU's tiled copies view the
+  # cache as [N / 8, 8, d / 64, 64]: the rows must come in whole groups of 8.
+  require(ci.fmt != "bf16" or ci.block_size % 8 == 0,
+          f"k_cache block_size={ci.block_size}: impl='mosaic' reads a bf16 cache in pages of "
+          "a multiple of 8 tokens (FP8 caches: any page size; or use impl='pallas')")
   require(head_dim_v == 2 * V_CHUNK,
           f"head_dim_v={head_dim_v}: impl='mosaic' needs {2 * V_CHUNK} (FlashMLA's value "
           "dim; two 256-column wgmma accumulators)")
