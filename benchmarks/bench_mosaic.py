@@ -1,20 +1,30 @@
-"""Sparse decode benchmark with the Mosaic GPU (Hopper) kernel beside the XLA and Triton paths.
+"""Sparse and dense decode benchmark with the Mosaic GPU (Hopper) kernels beside the XLA
+and Triton paths.
 
 What: ``bench_attention``'s sparse-decode cases (FlashMLA's V32 shape b=128, h=128, s_q=2,
-top-k 2048, and the MODEL1 window + compressed shapes), timed for ``impl`` = "xla",
-"pallas" (Triton) and "mosaic" (``pallas_kernels/mosaic_sparse_decode.py``).  For each it
+top-k 2048, and the MODEL1 window + compressed shapes) and dense-decode cases (FP8 v32 and
+model1, bf16-576; batch 64 and 128, context 8K and 32K, 64 and 128 heads, s_q 1, pages of
+64), timed for ``impl`` = "xla", "pallas" (Triton) and "mosaic"
+(``pallas_kernels/mosaic_sparse_decode.py``, ``mosaic_dense_decode.py``).  For each it
 prints time, TFLOP/s, GB/s and the fraction of the H200 roofline, as ``bench_attention``
 does (nominal bytes: q + attended tokens x bytes/token + out), plus, for the Mosaic kernel,
 the bytes it really moves from DRAM: each token's TMA copies fetch its FP8 NoPE + RoPE and
 a 128-byte scale window (its 16 / 7 scale bytes plus the following tokens'), i.e.
 656 -> ~752 B (v32) and 584 -> ~696 B (model1) per token; a second 64-head block of the
 same query row re-reads the same tokens, mostly from L2, so it is not counted twice.
+Dense decode's byte model (``dense_real_bytes``): per sequence, every page tile is a
+64-row TMA box (a page of Y tokens is ceil(Y / 64) boxes, so pages that are not a multiple
+of 64 over-read), plus, for FP8, the 128-byte per-token scale windows, which overlap so DRAM
+moves the tile's scales and one window's tail; the second 64-head block and the other s_q
+rows of a sequence re-read its pages from L2 (their CTAs are grid neighbours), not counted.
 
 On CPU (default there) it runs two tiny cases in GPU interpret mode as a smoke test: the
 times then measure the interpreter.  Targets (issue "Hopper-native FP8 MLA kernels"): FP8
-sparse decode >= 330 TFLOP/s at the V32 shape, faster than XLA and Triton everywhere.
+sparse decode >= 330 TFLOP/s at the V32 shape; FP8 dense decode >= 3.4 TB/s at batch >= 64,
+context >= 8K; faster than XLA and Triton everywhere.
 
-Usage:  python benchmarks/bench_mosaic.py [--smoke] [--impls xla,pallas,mosaic] [--iters 20]
+Usage:  python benchmarks/bench_mosaic.py [--smoke] [--only sparse_decode,dense_decode]
+          [--impls xla,pallas,mosaic] [--iters 20]
 """
 from __future__ import annotations
 
@@ -38,39 +48,72 @@ def mosaic_bytes(case: ba.Case, geometry: str) -> float:
   return case.bytes * 1.0 + (case.bytes_cache / bpt) * (MOSAIC_BYTES_PER_TOKEN[geometry] - bpt)
 
 
-def cases(smoke: bool):
-  if smoke:
-    out = [("v32", ba.sparse_decode_case("v32", 1, 16, 2, 100, 256, block_size=16)),
-           ("model1", ba.sparse_decode_case("model1", 1, 16, 1, 64, 256, extra_topk=64,
-                                            extra_s_k=64, block_size=16, sink=True))]
+def dense_real_bytes(fmt: str, b: int, s_k: int, h_q: int, s_q: int, block_size: int) -> float:
+  """DRAM bytes of the Mosaic dense kernel (see the module docstring)."""
+  geometry = "v32" if fmt in ("v32", "bf16") else "model1"
+  d = ba.D_QK[geometry]
+  pages, rem = divmod(s_k, block_size)
+  tiles = pages * -(-block_size // 64) + -(-rem // 64)
+  if fmt == "bf16":
+    cache = tiles * 64 * d * 2
   else:
-    out = [("v32", ba.sparse_decode_case("v32", 128, 128, 2, 2048, s_k)) for s_k in (8192, 32768)]
-    out += [("model1", ba.sparse_decode_case("model1", 128, h, 2, 128, 16384, extra_topk=e,
-                                             extra_s_k=16384 // 4, sink=True))
-            for h in (64, 128) for e in (512, 1024)]
+    per_row = {"v32": 512 + 128, "model1": 448 + 128}[fmt]
+    n_sc = {"v32": 16, "model1": 7}[fmt]
+    cache = tiles * (64 * per_row + 64 * n_sc + 128)
+  return b * (s_q * h_q * d * 2 + cache + s_q * h_q * ba.D_V * 2)
+
+
+def cases(smoke: bool, only=("sparse_decode", "dense_decode")):
+  """(case, DRAM bytes the Mosaic kernel really moves) pairs."""
+  out = []
+  if "sparse_decode" in only:
+    if smoke:
+      sp = [("v32", ba.sparse_decode_case("v32", 1, 16, 2, 100, 256, block_size=16)),
+            ("model1", ba.sparse_decode_case("model1", 1, 16, 1, 64, 256, extra_topk=64,
+                                             extra_s_k=64, block_size=16, sink=True))]
+    else:
+      sp = [("v32", ba.sparse_decode_case("v32", 128, 128, 2, 2048, s_k)) for s_k in (8192, 32768)]
+      sp += [("model1", ba.sparse_decode_case("model1", 128, h, 2, 128, 16384, extra_topk=e,
+                                              extra_s_k=16384 // 4, sink=True))
+             for h in (64, 128) for e in (512, 1024)]
+    for geometry, c in sp:
+      # attended tokens x bytes/token over all rows: the part of the byte model that is cache.
+      c.bytes_cache = c.bytes - _q_out_bytes(c)
+      out.append((c, mosaic_bytes(c, geometry)))
+  if "dense_decode" in only:
+    if smoke:
+      shapes = [(f, 1, 100, 16, 1) for f in ("v32", "bf16")]
+    else:
+      shapes = [(f, b, s_k, h, 1) for f in ("v32", "model1") for b in (64, 128)
+                for s_k in (8192, 32768) for h in (64, 128)]
+      shapes += [("bf16", 64, 8192, h, 1) for h in (64, 128)]
+    for f, b, s_k, h, s_q in shapes:
+      out.append((ba.dense_decode_case(f, b, s_k, h_q=h, s_q=s_q),
+                  dense_real_bytes(f, b, s_k, h, s_q, 64)))
   return out
 
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny shapes (default on CPU)")
+  p.add_argument("--only", default="sparse_decode,dense_decode", help="comma-separated ops")
   p.add_argument("--impls", default="xla,pallas,mosaic", help="comma-separated impls")
   p.add_argument("--iters", type=int, default=None, help="calls per timing run")
   a = p.parse_args(argv)
   smoke = a.smoke or jax.default_backend() == "cpu"
-  geo_cases = cases(smoke)
-  for geometry, c in geo_cases:
-    # attended tokens x bytes/token over all rows: the part of the byte model that is cache.
-    c.bytes_cache = c.bytes - _q_out_bytes(c)
-  rows = ba.run([c for _, c in geo_cases], a.iters or (1 if smoke else 20), 40.0,
+  only = tuple(a.only.split(","))
+  bad = set(only) - {"sparse_decode", "dense_decode"}
+  if bad:
+    p.error(f"--only {a.only!r}: expected ops from sparse_decode,dense_decode")
+  case_bytes = cases(smoke, only)
+  rows = ba.run([c for c, _ in case_bytes], a.iters or (1 if smoke else 20), 40.0,
                 impls=tuple(a.impls.split(",")))
-  print("\nMosaic kernel, bytes it really reads (scale windows included):")
-  for geometry, c in geo_cases:
+  print("\nMosaic kernels, bytes they really read (scale windows, whole 64-row boxes):")
+  for c, real in case_bytes:
     for r in rows:
-      if r["case"] == c.label and r["impl"] == "mosaic" and "us" in r:
-        real = mosaic_bytes(c, geometry)
+      if r["op"] == c.op and r["case"] == c.label and r["impl"] == "mosaic" and "us" in r:
         roof = max(real / ba.HBM_BPS, c.flops / ba.BF16_FLOPS)
-        print(f"  {c.label:<48} {real / 1e6:10.1f} MB  {real / (r['us'] * 1e-6) / 1e9:9.1f} GB/s"
+        print(f"  {c.op:<13} {c.label:<44} {real / 1e6:10.1f} MB  {real / (r['us'] * 1e-6) / 1e9:9.1f} GB/s"
               f"  roofline {100 * roof / (r['us'] * 1e-6):5.1f}%")
 
 
