@@ -26,7 +26,9 @@ one; the warpgroup structure is that of ``mosaic_sparse_decode``):
         a bf16 K tile in swizzled shared memory (zeroing tokens outside the sequence or
         the page, whatever their bytes), writes the tile's -inf bias for those tokens and
         signals "ready".  bf16 caches need no dequantisation: the TMA writes the K tile
-        directly (one [64, d] box into the swizzled layout) and the producer only zeroes
+        directly (one [64, d] box into the swizzled layout; a bf16 ``KCache`` keeps NoPE
+        and RoPE apart: one box per 8-row group and array, as a column range of the
+        tiled tile is contiguous only within 8 rows) and the producer only zeroes
         the rows of a tile that are not keys (pages shorter than the tile, the sequence's
         last tile), in place.
       - warpgroups 0 and 1, the consumers, as in ``mosaic_sparse_decode``: warpgroup 0
@@ -41,48 +43,57 @@ one; the warpgroup structure is that of ``mosaic_sparse_decode``):
     of 61 tokens a tile reads 3 rows of the next physical page (or TMA's zero fill past
     the cache's end) and masks them: 64/61 = 5 % more bytes, no per-token path.  Pages of
     64 (FlashMLA's and the model's) waste nothing; small pages (16) waste the most (4x).
+    bf16 caches need pages of a multiple of 8 tokens (ValueError otherwise): their TMA
+    writes the swizzled K tile directly, and Mosaic GPU's tiled copies view the cache as
+    [N / 8, 8, d / 64, 64], so a box must start on a multiple of 8 rows and N must be one.
   * Pipeline: FP8: one raw (FP8) stage and one bf16 stage, as sparse decode: the
     producer issues tile c+1's loads as soon as tile c is dequantised, so they fly while
-    the consumers run tile c.  bf16: the TMA target is the K tile itself, two stages when
-    they fit (model1 geometry, 512-dim: 3 x 64 KB + P) so tile c+1 loads during tile c,
-    one for 576-dim keys (Q and two 72 KB stages exceed 227 KB): there loads and wgmmas
-    alternate.
+    the consumers run tile c; the dequantisation of tile c+1 waits for the consumers to
+    release the bf16 stage.  bf16: the TMA target is the K tile itself, two stages when
+    they fit (512-dim: tile c+1 loads while the consumers run tile c), one for 576-dim
+    keys (Q and two 72 KB stages exceed 227 KB: loads and wgmmas alternate).
   * Scales: the tile's scales are contiguous (v32 1 KB, model1 448 B), but a register
     layout that splits [64, 4] fp32 / [64, 7] bytes per token is not one Mosaic GPU's
     shared-memory loads offer, so each token's scales come by their own 128-byte TMA
     window (as in sparse decode; the windows of consecutive tokens overlap, so DRAM moves
     each scale sector once and the rest hits L2): 64 copies per tile from one thread,
     overlapped with the consumers' wgmmas.  The next lever: one copy per tile.
+  * No split-KV yet: a CTA streams its whole sequence, so the grid is b x s_q x h_q / 64
+    CTAs; below ~132 of them SMs idle (see below).
 
-Shared memory per CTA (``smem_bytes``; <= 227 KB):
+Shared memory per CTA (``smem_bytes``; <= 227 KB per CTA, so one CTA per SM):
   FP8 v32:    Q 73.7 KB + K 73.7 KB + raw 64 x (512 + 128 + 128) = 49.2 KB + P 2 x 8 KB
-              + 1 KB small  ->  213.6 KB
-  FP8 model1: Q 65.5 + K 65.5 + raw 49.2 + P 16 + 1  ->  197.2 KB
-  bf16 576:   Q 73.7 + K 1 x 73.7 + P 16 + 1  ->  164.4 KB (a second stage: 238 KB, no)
-  bf16 512:   Q 65.5 + K 2 x 65.5 + P 16 + 1  ->  213.6 KB
+              + 1.3 KB small  ->  214.0 KB
+  FP8 model1: Q 65.5 + K 65.5 + raw 49.2 + P 16 + 1.3  ->  197.6 KB
+  bf16 576:   Q 73.7 + K 1 x 73.7 + P 16 + 1.3  ->  164.9 KB (a second stage: 238 KB, no)
+  bf16 512:   Q 65.5 + K 2 x 65.5 + P 16 + 1.3  ->  214.3 KB
 The output leaves through Q's buffer (warpgroup 1 writes its half after warpgroup 0's
 last QK^T).
 
 Expected fraction of roofline (unmeasured: no GPU was lent; H200 = 4.3 TB/s copy,
-~790 TFLOP/s bf16 dense, 132 SMs at ~1.9 GHz).  Per 64-token tile and 64-head CTA:
-bytes 64 x 656 = 42 KB (v32 FP8; model1 37 KB, bf16 74/66 KB) and FLOPs
-2 x 64 x 64 x (576 + 512) = 8.9 M.  At 4.3 TB/s / 132 SMs = 32.6 GB/s per SM the bytes
-take 1.29 us; the wgmmas 8.9 M / (790 T / 132) = 1.49 us.  So dense decode with 64 heads
-per CTA is compute-bound on Hopper by a hair (FP8 halves the bytes, not the bf16 MMA
-work): FLOP/byte = 212 vs the ridge 184; with 128 heads the two CTAs share the bytes
-(L2) and it is twice as compute-bound.  The bound at b >= 64, s_k >= 8K, h 128, s_q 1,
-v32 FP8 (every SM busy: 128 rows x 2 head blocks = 256 CTAs, ~2 waves) is the tensor
-cores: 2 x 128 x 8192 x 1088 x 64 = 146 GFLOP -> 185 us, i.e. 64 x 8192 x 656 B / 185 us
-= 1.9 TB/s of cache at 100 % of the MMA peak.  The issue's 3.4 TB/s FP8 target needs
-h_q <= 64 (h 64: 0.93 ms of bytes vs 0.74 ms of MMA at b 64 ... the bytes bound: 3.4 TB/s
-is 79 % of 4.3) or FP8 MMAs (wgmma e4m3 with Q quantised, as FlashMLA's FP8 sparse
-kernel does not do either).  What this kernel should reach: with one bf16 stage the
-consumers wait for each dequantisation (~1 us per tile, as in sparse decode), so per tile
-~1.5 us of wgmma + ~0.5-1 us not overlapped -> 60-75 % of the MMA bound, i.e. at h 64,
-model1 FP8, b 64, 8K: ~2.0-2.6 TB/s; at h 128 v32 ~1.2-1.4 TB/s (counting each byte
-once).  bf16 512-dim with two stages: near the byte bound when heads <= 64.  At small
-batch the grid (b x s_q x h_q / 64 CTAs) under-fills 132 SMs: split-KV with the LSE
-combine (``combine.combine_splits``) is the lever there, not done yet.
+~790 TFLOP/s bf16 dense, 132 SMs).  Per 64-token tile and 64-head CTA: bytes 64 x 656
+= 42.0 KB (v32 FP8; model1 37.4 KB; bf16 73.7 / 65.5 KB), FLOPs 2 x 64 x 64 x (576 + 512)
+= 8.9 M (model1 8.4 M).  Per SM that is 1.29 us of HBM (4.3 TB/s / 132 = 32.6 GB/s) and
+1.49 us of MMA (790 / 132 = 6.0 TFLOP/s): with bf16 MMAs, FP8 dense decode is
+compute-bound on Hopper even at 64 heads (FP8 halves the bytes, not the MMA work;
+FLOP/byte 212 vs the ridge 184), and at 128 heads (two CTAs share each page, through L2)
+twice over.  Hence the bounds at b 64, s_k 8K, s_q 1:
+  v32 h 128:   146 GFLOP -> 185 us at 100 % of the MMA peak = 344 MB / 185 us = 1.86 TB/s;
+  v32 h 64:     73 GFLOP ->  92 us vs 80 us of bytes -> at most 3.7 TB/s;
+  model1 h 64:  69 GFLOP ->  87 us vs 71 us of bytes -> at most 3.5 TB/s.
+So the issue's 3.4 TB/s FP8 target is out of reach at 128 heads for any bf16-MMA kernel
+(it would need FP8 wgmma with Q quantised, which FlashMLA does not do either) and needs
+>= 90 % of the MMA peak at 64 heads.  What this kernel should reach: per tile warpgroup 0's
+QK^T (~0.8 us) + softmax (~0.2 us) + both consumers' P V (~0.7 us) = ~1.7 us, and with one
+bf16 stage the dequantisation of the next tile (~0.9-1 us, as in sparse decode) is not
+overlapped: ~2.6 us per tile, ~55-60 % of the MMA peak.  v32 h 128, b 64, 8K: 128 CTAs
+(one wave) x 128 tiles x 2.7 us ~ 350 us -> ~1.0 TB/s (~25 % of the HBM roofline, ~55 %
+of the MMA-bound roofline); model1 h 64: b 64 gives only 64 CTAs on 132 SMs -> ~1 TB/s,
+b 128 -> ~2 TB/s (~45 % of HBM).  bf16 512-dim with two stages: MMA-bound, ~80 % of it.
+The levers, in order: split-KV with the LSE combine (``combine.combine_splits``) so small
+grids fill the SMs; a second bf16 stage for FP8 (the 74 KB Q residency costs it: e.g. Q
+re-read per tile from L2, or 128 heads x 32 tokens tiles) so dequantisation overlaps the
+wgmmas; one scale copy per tile; s_q x heads as wgmma's M for MTP (s_q > 1, h < 64).
 
 64-bit offsets: TMA addresses by coordinates (token row, column), so int32 rows reach
 2^31 tokens; the scale windows use element offsets row x 4 (v32) / row x 7 (model1), int32
@@ -91,7 +102,10 @@ up to 536M / 306M tokens.
 CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed) is tested for the
 three cache kinds; the register layouts are Lane-semantics layouts as in
 ``mosaic_sparse_decode`` (``_raw_layout``).  Tested on CPU in GPU interpret mode
-(``plgpu.InterpretGPUParams``).  Letter key: R query rows (b * s_q), N heads, H head dim,
+(``plgpu.InterpretGPUParams``; on a machine with few cores give the CPU backend several
+devices, as the test suite does: each warpgroup thread runs its own XLA computation that
+blocks in barrier callbacks, and one CPU device's small thread pool can deadlock them).
+Letter key: R query rows (b * s_q), N heads, H head dim,
 K the tile's tokens.
 """
 from __future__ import annotations
