@@ -57,6 +57,11 @@ def test_dense_decode_on_gpu(case, impl):
   *args, splits = case
   q, cache, table, seqlens = _dense_case(*args, seed=DENSE_CASES.index(case))
   kw = dict(head_dim_v=DV, causal=q.shape[1] > 1)
+  if impl == "mosaic" and cache.fmt == "bf16" and cache.block_size % 8:
+    # The Mosaic kernel's tiled bf16 TMA needs pages of a multiple of 8 tokens.
+    with pytest.raises(ValueError, match="block_size"):
+      pk.dense_decode(q, cache, table, seqlens, **kw, **_kw(impl))
+    return
   got = pk.dense_decode(q, cache, table, seqlens, **kw, **_kw(impl, block_k=16, num_splits=splits))
   want = pk.dense_decode(q, cache, table, seqlens, impl="xla", **kw)
   assert_attention_close(got[0], want[0], got[1], want[1], vmax(cache))
