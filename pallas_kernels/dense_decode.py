@@ -302,7 +302,7 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
         impl = "pallas"
   if impl == "mosaic":                 # Hopper Pallas Mosaic GPU kernel: mosaic_dense_decode.py
     from pallas_kernels import mosaic_dense_decode
-    return mosaic_dense_decode.dense_decode(args, head_dim_v, interpret)
+    return mosaic_dense_decode.dense_decode(args, head_dim_v, interpret, check_tuning(tuning))
   if impl == "pallas":
     _tiles.key_layout("bf16", q.shape[-1], head_dim_v)          # ValueError if untileable
     return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),

@@ -118,8 +118,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import cache_view
-from pallas_kernels.fp8_cache import D_ROPE, KCache, require
+from pallas_kernels import cache_view, combine
+from pallas_kernels.fp8_cache import D_ROPE, KCache, bytes_per_token, require
+from pallas_kernels.tuning import KernelTuning, choose_num_splits
 from pallas_kernels.mosaic_sparse_decode import _raw_layout, interpret_params
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
@@ -171,12 +172,13 @@ def _stage(c, n: int):
 
 
 def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d, s_q, causal,
-                            block_size, num_blocks, interpreted, brk=None):
+                            block_size, num_blocks, num_splits, interpreted, brk=None):
   """Kernel body: one CTA = one query row x one 64-head block (see the module notes).
 
   ``rest``: the cache arrays (FP8: codes ``[N, P]``, RoPE ``[N, 64]``, scales 1-D; bf16:
   the keys ``[N, d]``, or a bf16 ``KCache``'s NoPE ``[N, d - 64]`` and RoPE ``[N, 64]``),
-  then out ``[R, N, V]`` and lse ``[R, N]``."""
+  then out ``[R, N, V]`` bf16 and lse ``[R, N]`` (with num_splits > 1: fp32 partials
+  ``[S, R, N, V]``, each normalised over its split, and their lse ``[S, R, N]``)."""
   fp8 = fmt != "bf16"
   o_ref, lse_ref = rest[-2:]
   if fp8:
@@ -187,13 +189,18 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
   nks = k_stages(fmt, d)
   r = lax.axis_index("row")
   hb = lax.axis_index("hb")
+  split = lax.axis_index("split")
   b, t = r // s_q, r % s_q
   seqlen = lens_ref[b]
   # Keys this row sees: j < L (causal: j <= seqlen - s_q + t).
   L = jnp.maximum(seqlen - (s_q - 1 - t), 0) if causal else seqlen
   tpp = -(-block_size // BLOCK_K)                 # tiles per page
   full, rem = L // block_size, L % block_size
-  n_total = full * tpp + (rem + BLOCK_K - 1) // BLOCK_K
+  n_tiles = full * tpp + (rem + BLOCK_K - 1) // BLOCK_K
+  # Split-KV: this CTA's tiles [c_first, n_total), an equal run of the row's tiles.
+  per = (n_tiles + num_splits - 1) // num_splits
+  c_first = jnp.minimum(split * per, n_tiles)
+  n_total = jnp.minimum(c_first + per, n_tiles)
   max_pages = table_ref.shape[1]
 
   def tile_coords(c):
@@ -300,16 +307,16 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
 
     @pl.when(wg == 2)
     def _producer():
-      @pl.when(n_total > 0)
+      @pl.when(n_total > c_first)
       def _():
-        issue(0)
+        issue(c_first)
 
-      @pl.loop(0, n_total)
+      @pl.loop(c_first, n_total)
       def _tile(c):
         ks = _stage(c, nks)
         plgpu.barrier_wait(raw_bar.at[ks if not fp8 else 0])
         if fp8:
-          @pl.when(c >= 1)
+          @pl.when(c > c_first)
           def _():
             plgpu.barrier_wait(consumed.at[0])
           valid_K = dequant(c, ks)
@@ -324,15 +331,14 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
         def _():
           if not fp8:
             # bf16: the next tile's target stage must be free (with one stage: tile c's).
-            @pl.when(c + 1 >= nks)
+            @pl.when(c + 1 - c_first >= nks)
             def _():
               plgpu.barrier_wait(consumed.at[_stage(c + 1, nks)])
           issue(c + 1)
 
       # Observe the last "consumed" phases so the barriers end balanced (and the CTA does
       # not retire while a consumer still reads a stage).
-      first = (jnp.maximum(n_total - 1, 0) if fp8 else
-               jnp.maximum(n_total - nks, 0))
+      first = jnp.maximum(n_total - (1 if fp8 else nks), c_first)
       @pl.loop(first, n_total)
       def _drain(c):
         plgpu.barrier_wait(consumed.at[_stage(c, nks)])
@@ -390,7 +396,7 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
       init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
               plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), row_layout))
-      acc, m_N, l_N = lax.fori_loop(0, n_total, step, init)
+      acc, m_N, l_N = lax.fori_loop(c_first, n_total, step, init)
 
       if w == 0:
         live = l_N > 0
@@ -406,6 +412,15 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
         plgpu.barrier_wait(fin_bar)
         factor = plgpu.load(vec_smem.at[1], layout=row_layout)
       out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
+      heads = pl.ds(hb * BLOCK_H, BLOCK_H)
+      if num_splits > 1:
+        # fp32 partials straight from registers (a 64 x 256 fp32 staging tile would need
+        # 64 KB of shared memory per consumer); the combine reads them once.
+        o_ref[split, r, heads, cols] = out
+        if w == 0:
+          plgpu.copy_smem_to_gmem(vec_smem.at[0], lse_ref.at[split, r, heads])
+          plgpu.wait_smem_to_gmem(0)
+        return
       q_smem[:, cols] = out.astype(jnp.bfloat16)
       plgpu.commit_smem()
       # TMA needs a contiguous shared-memory source: 256 columns of the (8, 64)-tiled buffer
@@ -478,10 +493,13 @@ def supports(args: dict, head_dim_v: int) -> bool:
   return True
 
 
-def dense_decode(args: dict, head_dim_v: int, interpret=None):
-  """``dense_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first)."""
+def dense_decode(args: dict, head_dim_v: int, interpret=None, tuning=None):
+  """``dense_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first);
+  of ``tuning`` only ``num_splits`` / ``num_sms`` apply."""
   check_supported(args["cache"], args["q"].shape[-1], head_dim_v)
-  return run(**args, head_dim_v=head_dim_v, interpret=interpret_params(interpret))
+  splits = choose_splits(args["q"], args["cache"], args["block_table"], tuning)
+  return run(**args, head_dim_v=head_dim_v, num_splits=splits,
+             interpret=interpret_params(interpret))
 
 
 def _operands(cache):
@@ -494,11 +512,31 @@ def _operands(cache):
   return [cache.reshape(z * y, d)]
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "interpret", "_break"))
+def choose_splits(q, cache, block_table, tuning: KernelTuning | None) -> int:
+  """Split-KV factor: ``tuning.num_splits`` if set, else the Triton path's cost model
+  (fill the SMs in whole waves, against writing and re-reading fp32 partials), with this
+  kernel's CTA count, a sequence's capacity in bytes and 64-token tiles."""
+  tuning = tuning or KernelTuning()
+  if tuning.num_splits is not None:
+    return tuning.num_splits
+  b, s_q, h_q, d = q.shape
+  ci = cache_view.info(cache)
+  tiles = block_table.shape[1] * -(-ci.block_size // BLOCK_K)
+  return choose_num_splits(
+      tuning, programs=b * s_q * -(-h_q // BLOCK_H),
+      kv_bytes_per_program=tiles * BLOCK_K * bytes_per_token(ci.fmt, d),
+      partial_bytes_per_split=BLOCK_H * (2 * V_CHUNK + 1) * 4, max_key_blocks=tiles,
+      interpret=False)
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "causal", "num_splits", "interpret",
+                                             "_break"))
 def run(q, cache, block_table, cache_seqlens, softmax_scale, *, head_dim_v, causal,
-        interpret=None, _break=None):
+        num_splits=1, interpret=None, _break=None):
   """The Mosaic GPU kernel on validated arguments (``dense_decode_mla_mosaic``).
 
+  ``num_splits`` > 1: split-KV, each CTA one equal run of its row's tiles, merged by
+  ``combine.combine_splits``.
   ``interpret``: None = real kernel; an ``InterpretGPUParams`` = GPU interpret mode (CPU).
   ``_break`` (tests only): "drop_key" drops each tile's second key, "no_barrier" removes the
   consumer's wait on the producer's "ready" barrier.
@@ -512,16 +550,22 @@ def run(q, cache, block_table, cache_seqlens, softmax_scale, *, head_dim_v, caus
   ci = cache_view.info(cache)
   kernel = functools.partial(
       dense_decode_mla_mosaic, fmt=ci.fmt, d=d, s_q=s_q, causal=causal,
-      block_size=ci.block_size, num_blocks=ci.num_blocks, brk=_break,
+      block_size=ci.block_size, num_blocks=ci.num_blocks, num_splits=num_splits, brk=_break,
       interpreted=interpret is not None)
+  lead = (num_splits,) if num_splits > 1 else ()
   out, lse = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((rows, hp, head_dim_v), jnp.bfloat16),
-                jax.ShapeDtypeStruct((rows, hp), jnp.float32)),
-      grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=3, thread_name="wg",
+      out_type=(jax.ShapeDtypeStruct((*lead, rows, hp, head_dim_v),
+                                     jnp.float32 if lead else jnp.bfloat16),
+                jax.ShapeDtypeStruct((*lead, rows, hp), jnp.float32)),
+      # The head-block axis fastest: CTAs reading the same pages run side by side (L2).
+      grid=(rows, num_splits, n_hb), grid_names=("row", "split", "hb"), num_threads=3,
+      thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret)(cache_seqlens, block_table, softmax_scale.reshape(1), q_RNH,
                            *_operands(cache))
+  if lead:
+    out, lse = combine.combine_splits(out[:, :, :h_q], lse[:, :, :h_q], out_dtype=jnp.bfloat16)
   out = out[:, :h_q].reshape(b, s_q, h_q, head_dim_v)
   lse = lse[:, :h_q].reshape(b, s_q, h_q)
   return out, jnp.transpose(lse, (0, 2, 1))

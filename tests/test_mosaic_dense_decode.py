@@ -6,7 +6,8 @@ Interpret mode costs roughly CTAs x tiles, so each case is one small shape that 
 one path, with the real 576/512 geometries:
   * FP8 v32, pages of 61 tokens (each 64-row tile box reads 3 rows of the next page, all
     NaN), lengths 127 (two pages + 5: a partial tile) and 61 (exactly one page), 16 heads;
-  * FP8 model1, pages of 61, s_q 2 causal, 2 heads, race detector on;
+  * FP8 model1, pages of 61, s_q 2 causal, 2 heads, split-KV in 3 (lengths 130: one tile
+    per split, and 3: two empty splits), race detector on;
   * bf16 ``KCache`` (512-dim: two pipelined K stages), pages of 64, s_q 3 causal, length
     150 (three tiles, the last fixed in place), 16 heads;
   * bf16 array ``[Z, Y, 1, 576]`` (one K stage), pages of 16 (48 masked rows per tile),
@@ -28,6 +29,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import mosaic_dense_decode as mdd
 from pallas_kernels.dense_decode import validate_dense_decode_args
+from pallas_kernels.tuning import KernelTuning
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as mgpu_interpret
 
@@ -75,10 +77,10 @@ def _case(kind, s_q, h, block_size, lens, seed=0):
   return q, cache, jnp.asarray(table), jnp.asarray(lens, jnp.int32)
 
 
-def _run(q, cache, table, lens, params, brk=None):
+def _run(q, cache, table, lens, params, brk=None, splits=1):
   args = validate_dense_decode_args(q, cache, table, lens, head_dim_v=DV, causal=q.shape[1] > 1)
   try:
-    return mdd.run(**args, head_dim_v=DV, interpret=params, _break=brk)
+    return mdd.run(**args, head_dim_v=DV, num_splits=splits, interpret=params, _break=brk)
   except Exception:
     mgpu_interpret.reset_gpu_interpret_mode_state()
     raise
@@ -96,21 +98,21 @@ def _check(out, lse, q, cache, table, lens):
 
 
 RACES = plgpu.InterpretGPUParams(detect_races=True)
-CASES = {   # kind: (s_q, h, block_size, lens)
-    "v32": (1, 16, 61, [127, 61]),
-    "model1": (2, 2, 61, [70]),
-    "bf16": (3, 16, 64, [150]),
-    "bf16_array": (1, 128, 16, [40, 0]),
+CASES = {   # kind: (s_q, h, block_size, lens, splits)
+    "v32": (1, 16, 61, [127, 61], 1),
+    "model1": (2, 2, 61, [130, 3], 3),
+    "bf16": (3, 16, 64, [150], 1),
+    "bf16_array": (1, 128, 16, [40, 0], 1),
 }
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_dense_decode_mosaic_matches_reference(kind):
   """See the module docstring for what each case covers; model1 runs the race detector."""
-  s_q, h, bs, lens = CASES[kind]
+  s_q, h, bs, lens, splits = CASES[kind]
   q, cache, table, lens = _case(kind, s_q, h, bs, lens)
   params = RACES if kind == "model1" else plgpu.InterpretGPUParams()
-  out, lse = _run(q, cache, table, lens, params)
+  out, lse = _run(q, cache, table, lens, params, splits=splits)
   if kind == "model1":
     assert not mgpu_interpret.get_races().races_found
   _check(out, lse, q, cache, table, lens)
@@ -137,7 +139,8 @@ def test_broken_dense_decode_fails(brk):
 @pytest.mark.parametrize("kind", list(CASES))
 def test_dense_decode_mosaic_lowers_for_cuda(kind):
   """The real (non-interpreted) kernel lowers for CUDA without a GPU: Mosaic GPU's layout
-  assignment, TMA (tiled bf16 boxes included) and wgmma lowering run here."""
+  assignment, TMA (tiled bf16 boxes included) and wgmma lowering run here; model1 and
+  bf16 with split-KV (fp32 partials stored from registers), the others without."""
   d = D[kind]
   if kind == "bf16_array":
     cache = jnp.zeros((3, 40, 1, d), jnp.bfloat16)
@@ -145,8 +148,9 @@ def test_dense_decode_mosaic_lowers_for_cuda(kind):
     cache = pk.KCache.empty(3, 64 if kind == "bf16" else 61, kind, d)
   q = jnp.zeros((2, 2, 128, d), jnp.bfloat16)                  # two 64-head blocks, s_q 2
   table, lens = jnp.zeros((2, 3), jnp.int32), jnp.zeros((2,), jnp.int32)
+  tuning = KernelTuning(num_splits=2 if kind in ("model1", "bf16") else 1)
   f = lambda q, c, t, l: pk.dense_decode(q, c, t, l, head_dim_v=DV, causal=True,
-                                         impl="mosaic", interpret=False)
+                                         impl="mosaic", interpret=False, tuning=tuning)
   exp = jax.export.export(jax.jit(f), platforms=["cuda"])(q, cache, table, lens)
   assert exp.mlir_module().count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
 
