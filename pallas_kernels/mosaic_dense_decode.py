@@ -58,8 +58,16 @@ one; the warpgroup structure is that of ``mosaic_sparse_decode``):
     window (as in sparse decode; the windows of consecutive tokens overlap, so DRAM moves
     each scale sector once and the rest hits L2): 64 copies per tile from one thread,
     overlapped with the consumers' wgmmas.  The next lever: one copy per tile.
-  * No split-KV yet: a CTA streams its whole sequence, so the grid is b x s_q x h_q / 64
-    CTAs; below ~132 of them SMs idle (see below).
+  * Split-KV (FlashMLA's ``splitkv`` + combine): grid ``(b * s_q, S, ceil(h_q / 64))``;
+    split s of a row takes an equal run of its tiles (the run is computed in the kernel
+    from cache_seqlens, so the split points follow each row's own length), and writes an
+    fp32 partial normalised over its run, straight from the wgmma registers to global
+    memory (a staging tile would need 64 KB of shared memory per consumer), plus its lse
+    (+inf for an empty run) through shared memory and TMA; ``combine.combine_splits``
+    merges them.  S: ``tuning.num_splits``, else the Triton path's cost model
+    (``tuning.choose_num_splits``: whole waves of 132 SMs against 2 x 4 x 64 x 513 bytes
+    of partials per split and CTA), e.g. b 1 -> 35-64 splits, b 8 -> 8-16, b 64 h 64 -> 2,
+    b 64 h 128 and b 128 -> 1.  With S = 1 the kernel writes bf16 out and lse directly.
 
 Shared memory per CTA (``smem_bytes``; <= 227 KB per CTA, so one CTA per SM):
   FP8 v32:    Q 73.7 KB + K 73.7 KB + raw 64 x (512 + 128 + 128) = 49.2 KB + P 2 x 8 KB
@@ -88,10 +96,11 @@ QK^T (~0.8 us) + softmax (~0.2 us) + both consumers' P V (~0.7 us) = ~1.7 us, an
 bf16 stage the dequantisation of the next tile (~0.9-1 us, as in sparse decode) is not
 overlapped: ~2.6 us per tile, ~55-60 % of the MMA peak.  v32 h 128, b 64, 8K: 128 CTAs
 (one wave) x 128 tiles x 2.7 us ~ 350 us -> ~1.0 TB/s (~25 % of the HBM roofline, ~55 %
-of the MMA-bound roofline); model1 h 64: b 64 gives only 64 CTAs on 132 SMs -> ~1 TB/s,
-b 128 -> ~2 TB/s (~45 % of HBM).  bf16 512-dim with two stages: MMA-bound, ~80 % of it.
-The levers, in order: split-KV with the LSE combine (``combine.combine_splits``) so small
-grids fill the SMs; a second bf16 stage for FP8 (the 74 KB Q residency costs it: e.g. Q
+of the MMA-bound roofline); model1 h 64, b 64 (2 splits: 128 CTAs) or b 128: 8192 tiles
+over 128-132 SMs x 2.5 us ~ 160 us -> ~1.9-2.0 TB/s (~45 % of HBM, ~55 % of the MMA-bound
+roofline).  bf16 512-dim with two stages: MMA-bound, ~80 % of it.  Small batches (b 1-8)
+split 8-64 ways and stay latency-bound by the per-CTA prologue (Q load) and the combine.
+The levers, in order: a second bf16 stage for FP8 (the 74 KB Q residency costs it: e.g. Q
 re-read per tile from L2, or 128 heads x 32 tokens tiles) so dequantisation overlaps the
 wgmmas; one scale copy per tile; s_q x heads as wgmma's M for MTP (s_q > 1, h < 64).
 
