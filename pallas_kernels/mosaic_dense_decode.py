@@ -212,13 +212,16 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
   n_total = jnp.minimum(c_first + per, n_tiles)
   max_pages = table_ref.shape[1]
 
-  def tile_coords(c):
-    """(first cache row, valid token count) of tile c."""
+  def first_row(c):
+    """Cache row of tile c's first token (one block-table read, only where TMA needs it)."""
     p_idx = c // tpp
-    off = (c % tpp) * BLOCK_K
     page = jnp.clip(table_ref[b, jnp.minimum(p_idx, max_pages - 1)], 0, num_blocks - 1)
-    n_valid = jnp.minimum(jnp.minimum(BLOCK_K, block_size - off), L - p_idx * block_size - off)
-    return page * block_size + off, n_valid
+    return page * block_size + (c % tpp) * BLOCK_K
+
+  def valid_count(c):
+    """Keys in tile c: its tokens inside both the page and the row's L keys."""
+    p_idx, off = c // tpp, (c % tpp) * BLOCK_K
+    return jnp.minimum(jnp.minimum(BLOCK_K, block_size - off), L - p_idx * block_size - off)
 
   def scoped(q_smem, p_smem, kbf, *rest):
     if fp8:
@@ -234,7 +237,7 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
 
     # ------------------------------------------------------------------ producer
     def issue(c):
-      row0, _ = tile_coords(c)
+      row0 = first_row(c)
       rows = pl.ds(row0, BLOCK_K)
       if not fp8:                    # straight into the swizzled K tile
         ks = _stage(c, nks)
@@ -263,7 +266,7 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
                                 raw_bar.at[0])
 
     def valid_mask(c):
-      _, n_valid = tile_coords(c)
+      n_valid = valid_count(c)
       k_K = plgpu.broadcasted_iota(jnp.int32, (BLOCK_K,), 0, layout=row_l)
       valid_K = k_K < n_valid
       if brk == "drop_key":
