@@ -258,6 +258,9 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
         plgpu.copy_gmem_to_smem(nope_ref.at[rows, pl.ds(src, 256)], nope_raw.at[half],
                                 raw_bar.at[0])
       plgpu.copy_gmem_to_smem(rope_ref.at[rows], rope_raw, raw_bar.at[0])
+      if fmt == "v32":                 # the tile's 64 x 4 fp32 scales: one 1 KB copy
+        plgpu.copy_gmem_to_smem(sc_ref.at[rows], sc_raw, raw_bar.at[0])
+        return
       n_win = sc_raw.shape[-1]
 
       @pl.loop(0, BLOCK_K)
@@ -280,12 +283,17 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
       valid_K, _ = valid_mask(c)
       W = lambda x: plgpu.layout_cast(x, win_l)
       win_l = _raw_layout(8)
-      win = plgpu.load(sc_raw.at[:, pl.ds(0, 8)], layout=win_l, optimized=False)
-      win = W(win.astype(jnp.float32) if fmt == "v32" else win.astype(jnp.int32))
-      col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=win_l)
+      if fmt != "v32":
+        win = plgpu.load(sc_raw.at[:, pl.ds(0, 8)], layout=win_l, optimized=False)
+        win = W(win.astype(jnp.int32))
+        col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=win_l)
       scales = {}
       for p in range(d_nope // 64):
         tt = p * 64 // width                      # the scale tile of this 64-column piece
+        if tt not in scales and fmt == "v32":
+          # Scale tt of the 64 tokens: every 4th fp32 of the tile's scales.
+          s_K = R(plgpu.load(sc_raw.at[:, tt], layout=row_l, optimized=False))
+          scales[tt] = T(lax.broadcast_in_dim(s_K, (BLOCK_K, 64), [0]))
         if tt not in scales:
           picked = W(jnp.where(col == tt, win, jnp.zeros_like(win)))
           if fmt == "v32":
@@ -454,12 +462,12 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
       plgpu.SMEM((2, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),     # P, 2 slots
       plgpu.SMEM((nks, BLOCK_K, d), jnp.bfloat16, transforms=swz)]
   if fp8:
-    n_copies = len(nope_boxes) + 1 + BLOCK_K
+    n_copies = len(nope_boxes) + 1 + (1 if fmt == "v32" else BLOCK_K)
     win = _WINDOW // jnp.dtype(sc_ref.dtype).itemsize
     # Raw stages are plain row-major (no transforms): scale windows are one row each.
     scratch += [plgpu.SMEM((2, BLOCK_K, 256), jnp.float8_e4m3fn),
                 plgpu.SMEM((BLOCK_K, D_ROPE), jnp.bfloat16),
-                plgpu.SMEM((BLOCK_K, win), sc_ref.dtype)]
+                plgpu.SMEM((BLOCK_K, 4) if fmt == "v32" else (BLOCK_K, win), sc_ref.dtype)]
   else:
     n_copies = 1 if len(kv_refs) == 1 else 2 * (BLOCK_K // 8)
   scratch += [
@@ -519,7 +527,11 @@ def _operands(cache):
   if isinstance(cache, KCache):
     n = cache.num_tokens
     ops = [cache.nope.reshape(n, -1), cache.rope.reshape(n, D_ROPE)]
-    return ops if cache.fmt == "bf16" else ops + [cache.scales.reshape(-1)]
+    if cache.fmt == "bf16":
+      return ops
+    # v32 scales [N, 4] fp32 (16-byte rows: one TMA box per tile); model1's 7-byte rows
+    # are no TMA box (strides must be multiples of 16 bytes): a 1-D view, windows per token.
+    return ops + [cache.scales.reshape(n, 4) if cache.fmt == "v32" else cache.scales.reshape(-1)]
   z, y, _, d = cache.shape
   return [cache.reshape(z * y, d)]
 
