@@ -176,6 +176,15 @@ def smem_bytes(fmt: str, d: int) -> int:
   return _smem(fmt, d, k_stages(fmt, d))
 
 
+def _tile_scales(fmt: str, block_size: int) -> bool:
+  """Whether a tile's scales come as one TMA box (else one 128-byte window per token).
+
+  v32: always ([N, 4] fp32 rows are 16 bytes).  model1: 7-byte rows are no TMA box, but
+  the [N * 7 / 32, 32] byte view is, and a tile's 448 bytes are 14 of its rows when the
+  tile starts on a multiple of 32 tokens: pages of a multiple of 32 tokens."""
+  return fmt == "v32" or (fmt == "model1" and block_size % 32 == 0)
+
+
 def _stage(c, n: int):
   return 0 if n == 1 else c % n
 
@@ -189,6 +198,7 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
   then out ``[R, N, V]`` bf16 and lse ``[R, N]`` (with num_splits > 1: fp32 partials
   ``[S, R, N, V]``, each normalised over its split, and their lse ``[S, R, N]``)."""
   fp8 = fmt != "bf16"
+  tile_scales = _tile_scales(fmt, block_size)
   o_ref, lse_ref = rest[-2:]
   if fp8:
     nope_ref, rope_ref, sc_ref = rest[:-2]
@@ -258,8 +268,14 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
         plgpu.copy_gmem_to_smem(nope_ref.at[rows, pl.ds(src, 256)], nope_raw.at[half],
                                 raw_bar.at[0])
       plgpu.copy_gmem_to_smem(rope_ref.at[rows], rope_raw, raw_bar.at[0])
-      if fmt == "v32":                 # the tile's 64 x 4 fp32 scales: one 1 KB copy
+      if fmt == "v32":                 # the tile's 64 x 4 fp32 scales: one 1 KB box
         plgpu.copy_gmem_to_smem(sc_ref.at[rows], sc_raw, raw_bar.at[0])
+        return
+      if tile_scales:
+        # model1: the tile's 448 bytes are 14 rows of the [N * 7 / 32, 32] view; Mosaic GPU
+        # copies multiples of 128 bytes, so 16 rows (the next tile's first 64 bytes too).
+        plgpu.copy_gmem_to_smem(sc_ref.at[pl.ds(row0 * n_sc // 32, 16)], sc_raw,
+                                raw_bar.at[0])
         return
       n_win = sc_raw.shape[-1]
 
@@ -283,16 +299,27 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
       valid_K, _ = valid_mask(c)
       W = lambda x: plgpu.layout_cast(x, win_l)
       win_l = _raw_layout(8)
-      if fmt != "v32":
+      if not tile_scales:
         win = plgpu.load(sc_raw.at[:, pl.ds(0, 8)], layout=win_l, optimized=False)
         win = W(win.astype(jnp.int32))
         col = plgpu.broadcasted_iota(jnp.int32, win.shape, 1, layout=win_l)
       scales = {}
       for p in range(d_nope // 64):
         tt = p * 64 // width                      # the scale tile of this 64-column piece
-        if tt not in scales and fmt == "v32":
-          # Scale tt of the 64 tokens: every 4th fp32 of the tile's scales.
-          s_K = R(plgpu.load(sc_raw.at[:, tt], layout=row_l, optimized=False))
+        if tt not in scales and tile_scales:
+          # Scale tt of the 64 tokens: a column of the tile's [64, 4] / [64, 7] scales.
+          if fmt == "v32":
+            s_K = R(plgpu.load(sc_raw.at[:, tt], layout=row_l, optimized=False))
+          elif interpreted:
+            # Interpret mode has no reshaped refs: the same bytes, reshaped as a value.
+            s_K = R(sc_raw[...].reshape(-1)[:BLOCK_K * n_sc].reshape(BLOCK_K, n_sc)[:, tt])
+          else:                        # the [16, 32] bytes viewed as the tile's [64, 7]
+            sc_KS = sc_raw.reshape(512).at[pl.ds(0, BLOCK_K * n_sc)].reshape(BLOCK_K, n_sc)
+            s_K = R(plgpu.load(sc_KS.at[:, tt], layout=row_l, optimized=False))
+          if fmt == "model1":
+            e_K = R(s_K.astype(jnp.int32))
+            s_K = R(lax.bitcast_convert_type(e_K << 23, jnp.float32))
+            s_K = R(jnp.where(e_K == 255, jnp.full_like(s_K, jnp.nan), s_K))
           scales[tt] = T(lax.broadcast_in_dim(s_K, (BLOCK_K, 64), [0]))
         if tt not in scales:
           picked = W(jnp.where(col == tt, win, jnp.zeros_like(win)))
@@ -462,12 +489,13 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
       plgpu.SMEM((2, BLOCK_H, BLOCK_K), jnp.bfloat16, transforms=swz),     # P, 2 slots
       plgpu.SMEM((nks, BLOCK_K, d), jnp.bfloat16, transforms=swz)]
   if fp8:
-    n_copies = len(nope_boxes) + 1 + (1 if fmt == "v32" else BLOCK_K)
+    n_copies = len(nope_boxes) + 1 + (1 if tile_scales else BLOCK_K)
     win = _WINDOW // jnp.dtype(sc_ref.dtype).itemsize
     # Raw stages are plain row-major (no transforms): scale windows are one row each.
     scratch += [plgpu.SMEM((2, BLOCK_K, 256), jnp.float8_e4m3fn),
                 plgpu.SMEM((BLOCK_K, D_ROPE), jnp.bfloat16),
-                plgpu.SMEM((BLOCK_K, 4) if fmt == "v32" else (BLOCK_K, win), sc_ref.dtype)]
+                plgpu.SMEM((BLOCK_K, 4) if fmt == "v32" else (16, 32) if tile_scales else (BLOCK_K, win),
+                           sc_ref.dtype)]
   else:
     n_copies = 1 if len(kv_refs) == 1 else 2 * (BLOCK_K // 8)
   scratch += [
@@ -531,7 +559,11 @@ def _operands(cache):
       return ops
     # v32 scales [N, 4] fp32 (16-byte rows: one TMA box per tile); model1's 7-byte rows
     # are no TMA box (strides must be multiples of 16 bytes): a 1-D view, windows per token.
-    return ops + [cache.scales.reshape(n, 4) if cache.fmt == "v32" else cache.scales.reshape(-1)]
+    if cache.fmt == "v32":
+      return ops + [cache.scales.reshape(n, 4)]
+    if _tile_scales(cache.fmt, cache.block_size):
+      return ops + [cache.scales.reshape(n * 7 // 32, 32)]
+    return ops + [cache.scales.reshape(-1)]
   z, y, _, d = cache.shape
   return [cache.reshape(z * y, d)]
 

@@ -6,8 +6,10 @@ Interpret mode costs roughly CTAs x tiles, so each case is one small shape that 
 one path, with the real 576/512 geometries:
   * FP8 v32, pages of 61 tokens (each 64-row tile box reads 3 rows of the next page, all
     NaN), lengths 127 (two pages + 5: a partial tile) and 61 (exactly one page), 16 heads;
-  * FP8 model1, pages of 61, s_q 2 causal, 2 heads, split-KV in 3 (lengths 130: one tile
-    per split, and 3: two empty splits), race detector on;
+  * FP8 model1, pages of 64 (the tile's scales in one box), s_q 2 causal, 2 heads,
+    split-KV in 3 (lengths 130: one tile per split, and 3: two empty splits), race
+    detector on;
+  * FP8 model1, pages of 61 (scales by per-token windows), length 70, 2 heads;
   * bf16 ``KCache`` (512-dim: two pipelined K stages), pages of 64, s_q 3 causal, length
     150 (three tiles, the last fixed in place), 16 heads;
   * bf16 array ``[Z, Y, 1, 576]`` (one K stage), pages of 16 (48 masked rows per tile),
@@ -98,22 +100,23 @@ def _check(out, lse, q, cache, table, lens):
 
 
 RACES = plgpu.InterpretGPUParams(detect_races=True)
-CASES = {   # kind: (s_q, h, block_size, lens, splits)
-    "v32": (1, 16, 61, [127, 61], 1),
-    "model1": (2, 2, 61, [130, 3], 3),
-    "bf16": (3, 16, 64, [150], 1),
-    "bf16_array": (1, 128, 16, [40, 0], 1),
+CASES = {   # name: (kind, s_q, h, block_size, lens, splits)
+    "v32": ("v32", 1, 16, 61, [127, 61], 1),
+    "model1": ("model1", 2, 2, 64, [130, 3], 3),
+    "model1_page61": ("model1", 1, 2, 61, [70], 1),
+    "bf16": ("bf16", 3, 16, 64, [150], 1),
+    "bf16_array": ("bf16_array", 1, 128, 16, [40, 0], 1),
 }
 
 
-@pytest.mark.parametrize("kind", list(CASES))
-def test_dense_decode_mosaic_matches_reference(kind):
+@pytest.mark.parametrize("name", list(CASES))
+def test_dense_decode_mosaic_matches_reference(name):
   """See the module docstring for what each case covers; model1 runs the race detector."""
-  s_q, h, bs, lens, splits = CASES[kind]
+  kind, s_q, h, bs, lens, splits = CASES[name]
   q, cache, table, lens = _case(kind, s_q, h, bs, lens)
-  params = RACES if kind == "model1" else plgpu.InterpretGPUParams()
+  params = RACES if name == "model1" else plgpu.InterpretGPUParams()
   out, lse = _run(q, cache, table, lens, params, splits=splits)
-  if kind == "model1":
+  if name == "model1":
     assert not mgpu_interpret.get_races().races_found
   _check(out, lse, q, cache, table, lens)
 
@@ -136,16 +139,18 @@ def test_broken_dense_decode_fails(brk):
     _check(out, lse, q, cache, table, lens)
 
 
-@pytest.mark.parametrize("kind", list(CASES))
-def test_dense_decode_mosaic_lowers_for_cuda(kind):
+@pytest.mark.parametrize("kind,page", [("v32", 61), ("model1", 64), ("model1", 61),
+                                       ("bf16", 64), ("bf16_array", 40)])
+def test_dense_decode_mosaic_lowers_for_cuda(kind, page):
   """The real (non-interpreted) kernel lowers for CUDA without a GPU: Mosaic GPU's layout
   assignment, TMA (tiled bf16 boxes included) and wgmma lowering run here; model1 and
-  bf16 with split-KV (fp32 partials stored from registers), the others without."""
+  bf16 with split-KV (fp32 partials stored from registers), the others without; model1
+  with both scale paths (one box per tile for pages of 64, per-token windows for 61)."""
   d = D[kind]
   if kind == "bf16_array":
-    cache = jnp.zeros((3, 40, 1, d), jnp.bfloat16)
+    cache = jnp.zeros((3, page, 1, d), jnp.bfloat16)
   else:
-    cache = pk.KCache.empty(3, 64 if kind == "bf16" else 61, kind, d)
+    cache = pk.KCache.empty(3, page, kind, d)
   q = jnp.zeros((2, 2, 128, d), jnp.bfloat16)                  # two 64-head blocks, s_q 2
   table, lens = jnp.zeros((2, 3), jnp.int32), jnp.zeros((2,), jnp.int32)
   tuning = KernelTuning(num_splits=2 if kind in ("model1", "bf16") else 1)
