@@ -14,9 +14,10 @@ a 128-byte scale window (its 16 / 7 scale bytes plus the following tokens'), i.e
 same query row re-reads the same tokens, mostly from L2, so it is not counted twice.
 Dense decode's byte model (``dense_real_bytes``): per sequence, every page tile is a
 64-row TMA box (a page of Y tokens is ceil(Y / 64) boxes, so pages that are not a multiple
-of 64 over-read), plus, for FP8, the 128-byte per-token scale windows, which overlap so DRAM
-moves the tile's scales and one window's tail; the second 64-head block and the other s_q
-rows of a sequence re-read its pages from L2 (their CTAs are grid neighbours), not counted.
+of 64 over-read), plus, for FP8, the tile's scale box (v32 1 KB; model1 512 B, 64 of them
+the next tile's); the second 64-head block and the other s_q rows of a sequence re-read its
+pages from L2 (their CTAs are grid neighbours), not counted.  At pages of 64 that is
+656 -> 656 B (v32) and 584 -> 584 B (model1) per token.
 
 On CPU (default there) it runs two tiny cases in GPU interpret mode as a smoke test: the
 times then measure the interpreter.  Targets (issue "Hopper-native FP8 MLA kernels"): FP8
@@ -58,8 +59,13 @@ def dense_real_bytes(fmt: str, b: int, s_k: int, h_q: int, s_q: int, block_size:
     cache = tiles * 64 * d * 2
   else:
     per_row = {"v32": 512 + 128, "model1": 448 + 128}[fmt]
-    n_sc = {"v32": 16, "model1": 7}[fmt]
-    cache = tiles * (64 * per_row + 64 * n_sc + 128)
+    # Scales per tile: v32 one 1 KB box; model1 one 512-byte box (448 + 64 of the next
+    # tile) for pages of a multiple of 32 tokens, else 64 overlapping 128-byte windows.
+    if fmt == "v32":
+      scales = 64 * 16
+    else:
+      scales = 512 if block_size % 32 == 0 else 64 * 7 + 128
+    cache = tiles * (64 * per_row + scales)
   return b * (s_q * h_q * d * 2 + cache + s_q * h_q * ba.D_V * 2)
 
 

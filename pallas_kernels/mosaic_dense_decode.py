@@ -21,8 +21,8 @@ one; the warpgroup structure is that of ``mosaic_sparse_decode``):
         loads the tile with TMA -- one 2-D copy per array of a whole run of contiguous
         tokens, not per token as sparse decode must: FP8 NoPE codes as two [64, 256] boxes
         (v32 bytes [0, 256) and [256, 512); model1 [0, 256) and [192, 448), overlapping
-        inside the token), RoPE as one [64, 64] bf16 box; the per-token scales as one
-        128-byte window per token (see below).  It then dequantises the tile on chip into
+        inside the token), RoPE as one [64, 64] bf16 box, the scales as one box (see
+        below): 4 copies per tile.  It then dequantises the tile on chip into
         a bf16 K tile in swizzled shared memory (zeroing tokens outside the sequence or
         the page, whatever their bytes), writes the tile's -inf bias for those tokens and
         signals "ready".  bf16 caches need no dequantisation: the TMA writes the K tile
@@ -52,12 +52,17 @@ one; the warpgroup structure is that of ``mosaic_sparse_decode``):
     release the bf16 stage.  bf16: the TMA target is the K tile itself, two stages when
     they fit (512-dim: tile c+1 loads while the consumers run tile c), one for 576-dim
     keys (Q and two 72 KB stages exceed 227 KB: loads and wgmmas alternate).
-  * Scales: the tile's scales are contiguous (v32 1 KB, model1 448 B), but a register
-    layout that splits [64, 4] fp32 / [64, 7] bytes per token is not one Mosaic GPU's
-    shared-memory loads offer, so each token's scales come by their own 128-byte TMA
-    window (as in sparse decode; the windows of consecutive tokens overlap, so DRAM moves
-    each scale sector once and the rest hits L2): 64 copies per tile from one thread,
-    overlapped with the consumers' wgmmas.  The next lever: one copy per tile.
+  * Scales: a tile's scales are contiguous.  v32: one [64, 4] fp32 box of the [N, 4] view
+    (16-byte rows), read per scale tile as a strided [64] column into the per-token
+    register layout.  model1: 7-byte rows are no TMA box (global strides must be
+    multiples of 16 bytes), but the [N * 7 / 32, 32] byte view is, and a tile that starts
+    on a multiple of 32 tokens owns 14 of its rows: one [16, 32] box (Mosaic GPU copies
+    multiples of 128 bytes, so 64 bytes of the next tile come too), viewed in shared
+    memory as [64, 7] (interpret mode has no reshaped refs: there the same bytes are
+    reshaped as a value).  That needs pages of a multiple of 32 tokens; otherwise (pages
+    of 61) each token's scales come by their own 128-byte window as in sparse decode (64
+    copies per tile from one thread; consecutive windows overlap, so DRAM moves each
+    scale sector about once).
   * Split-KV (FlashMLA's ``splitkv`` + combine): grid ``(b * s_q, S, ceil(h_q / 64))``;
     split s of a row takes an equal run of its tiles (the run is computed in the kernel
     from cache_seqlens, so the split points follow each row's own length), and writes an
@@ -70,9 +75,10 @@ one; the warpgroup structure is that of ``mosaic_sparse_decode``):
     b 64 h 128 and b 128 -> 1.  With S = 1 the kernel writes bf16 out and lse directly.
 
 Shared memory per CTA (``smem_bytes``; <= 227 KB per CTA, so one CTA per SM):
-  FP8 v32:    Q 73.7 KB + K 73.7 KB + raw 64 x (512 + 128 + 128) = 49.2 KB + P 2 x 8 KB
-              + 1.3 KB small  ->  214.0 KB
-  FP8 model1: Q 65.5 + K 65.5 + raw 49.2 + P 16 + 1.3  ->  197.6 KB
+  FP8 v32:    Q 73.7 KB + K 73.7 KB + raw 64 x (512 + 128) + 1 KB scales = 42 KB + P 2 x 8 KB
+              + 1.3 KB small  ->  206.8 KB
+  FP8 model1: Q 65.5 + K 65.5 + raw 41 + scales 0.5 (pages of 61: 8 KB of windows)
+              + P 16 + 1.3  ->  189.9 KB (197.6 KB)
   bf16 576:   Q 73.7 + K 1 x 73.7 + P 16 + 1.3  ->  164.9 KB (a second stage: 238 KB, no)
   bf16 512:   Q 65.5 + K 2 x 65.5 + P 16 + 1.3  ->  214.3 KB
 The output leaves through Q's buffer (warpgroup 1 writes its half after warpgroup 0's
@@ -162,18 +168,22 @@ def k_stages(fmt: str, d: int) -> int:
   return 2 if _smem(fmt, d, 2) <= SMEM_LIMIT else 1
 
 
-def _smem(fmt: str, d: int, ks: int) -> int:
+def _smem(fmt: str, d: int, ks: int, block_size: int = 1) -> int:
   q = BLOCK_H * d * 2
   k = ks * BLOCK_K * d * 2
-  raw = 0 if fmt == "bf16" else BLOCK_K * (512 + 2 * D_ROPE + _WINDOW)
+  raw = 0
+  if fmt != "bf16":
+    sc = (BLOCK_K * 16 if fmt == "v32" else 512 if _tile_scales(fmt, block_size)
+          else BLOCK_K * _WINDOW)
+    raw = BLOCK_K * (512 + 2 * D_ROPE) + sc
   p = 2 * BLOCK_H * BLOCK_K * 2
   small = ks * BLOCK_K * 4 + 3 * BLOCK_H * 4
   return q + k + raw + p + small
 
 
-def smem_bytes(fmt: str, d: int) -> int:
-  """Shared memory one CTA allocates."""
-  return _smem(fmt, d, k_stages(fmt, d))
+def smem_bytes(fmt: str, d: int, block_size: int = 1) -> int:
+  """Shared memory one CTA allocates (its small vectors rounded up)."""
+  return _smem(fmt, d, k_stages(fmt, d), block_size)
 
 
 def _tile_scales(fmt: str, block_size: int) -> bool:
@@ -528,7 +538,7 @@ def check_supported(cache, d_qk: int, head_dim_v: int) -> None:
   require(head_dim_v == 2 * V_CHUNK,
           f"head_dim_v={head_dim_v}: impl='mosaic' needs {2 * V_CHUNK} (FlashMLA's value "
           "dim; two 256-column wgmma accumulators)")
-  need = smem_bytes(ci.fmt, d_qk)
+  need = smem_bytes(ci.fmt, d_qk, ci.block_size)
   require(need <= SMEM_LIMIT, f"shared memory {need} B > {SMEM_LIMIT} B per CTA")
 
 
