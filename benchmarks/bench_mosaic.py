@@ -17,7 +17,7 @@ Dense decode's byte model (``dense_real_bytes``): per sequence, every page tile 
 of 64 over-read), plus, for FP8, the tile's scale box (v32 1 KB; model1 512 B, 64 of them
 the next tile's); the second 64-head block and the other s_q rows of a sequence re-read its
 pages from L2 (their CTAs are grid neighbours), not counted.  At pages of 64 that is
-656 -> 656 B (v32) and 584 -> 584 B (model1) per token.
+656 -> 656 B (v32) and 584 -> 585 B (model1) per token.
 
 On CPU (default there) it runs two tiny cases in GPU interpret mode as a smoke test: the
 times then measure the interpreter.  Targets (issue "Hopper-native FP8 MLA kernels"): FP8
