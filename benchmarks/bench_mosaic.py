@@ -88,7 +88,7 @@ def cases(smoke: bool, only=("sparse_decode", "dense_decode")):
       out.append((c, mosaic_bytes(c, geometry)))
   if "dense_decode" in only:
     if smoke:
-      shapes = [(f, 1, 100, 16, 1) for f in ("v32", "bf16")]
+      shapes = [(f, 1, 100, 16, 1) for f in ("v32", "model1", "bf16")]
     else:
       shapes = [(f, b, s_k, h, 1) for f in ("v32", "model1") for b in (64, 128)
                 for s_k in (8192, 32768) for h in (64, 128)]

@@ -28,7 +28,10 @@ split-KV decoder (``flash_fwd_splitkv_mla`` + ``flash_fwd_mla_combine``):
     reading each token's page through ``block_table`` (so any page size works, 3 or 5
     included) and dequantising each key tile in registers (``_tiles``);
   * each program writes a normalised fp32 partial and its lse; ``combine.combine_splits``
-    merges the splits (with one split the kernel finalises in place and writes bf16).  Shapes (letter key:
+    merges the splits (with one split the kernel finalises in place and writes bf16).
+``impl="mosaic"`` is the Hopper (sm_90a) Pallas Mosaic GPU kernel, ``mosaic_dense_decode``
+(TMA page loads, warp-specialised, wgmma; FP8 ``KCache`` and one-KV-head bf16 caches,
+head_dim_v 512).  Shapes (letter key:
 B batch, T query positions, N query heads, K KV heads, G heads per KV head, S key
 positions, Z page blocks, Y tokens per block, H head dim, V value dim):
   q ``[B, T, N, H]`` bf16; block_table ``[B, max_blocks]`` int32; cache_seqlens ``[B]``
