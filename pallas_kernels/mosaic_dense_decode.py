@@ -96,7 +96,7 @@ twice over.  Hence the bounds at b 64, s_k 8K, s_q 1:
   v32 h 64:     73 GFLOP ->  92 us vs 80 us of bytes -> at most 3.7 TB/s;
   model1 h 64:  69 GFLOP ->  87 us vs 71 us of bytes -> at most 3.5 TB/s.
 So the issue's 3.4 TB/s FP8 target is out of reach at 128 heads for any bf16-MMA kernel
-(it would need FP8 wgmma with Q quantised, which FlashMLA does not do either) and needs
+(it would need FP8 wgmma, i.e. Q quantised to e4m3 too) and needs
 >= 90 % of the MMA peak at 64 heads.  What this kernel should reach: per tile warpgroup 0's
 QK^T (~0.8 us) + softmax (~0.2 us) + both consumers' P V (~0.7 us) = ~1.7 us, and with one
 bf16 stage the dequantisation of the next tile (~0.9-1 us, as in sparse decode) is not
@@ -108,20 +108,21 @@ roofline).  bf16 512-dim with two stages: MMA-bound, ~80 % of it.  Small batches
 split 8-64 ways and stay latency-bound by the per-CTA prologue (Q load) and the combine.
 The levers, in order: a second bf16 stage for FP8 (the 74 KB Q residency costs it: e.g. Q
 re-read per tile from L2, or 128 heads x 32 tokens tiles) so dequantisation overlaps the
-wgmmas; one scale copy per tile; s_q x heads as wgmma's M for MTP (s_q > 1, h < 64).
+wgmmas; s_q x heads as wgmma's M for MTP (s_q > 1, h < 64); for model1 pages that are
+not a multiple of 32 tokens, a scale path without the 64 per-token copies.
 
-64-bit offsets: TMA addresses by coordinates (token row, column), so int32 rows reach
-2^31 tokens; the scale windows use element offsets row x 4 (v32) / row x 7 (model1), int32
-up to 536M / 306M tokens.
+64-bit offsets: TMA addresses by coordinates (token row, column; the model1 scale view's
+row = row x 7 / 32), so int32 coordinates reach 2^31 tokens; only model1's per-token scale
+windows (pages not a multiple of 32) use element offsets row x 7: int32 up to 306M tokens.
 
-CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed) is tested for the
-three cache kinds; the register layouts are Lane-semantics layouts as in
+CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed) is tested for
+every cache kind, both model1 scale paths and both output paths (split or not); the register layouts are Lane-semantics layouts as in
 ``mosaic_sparse_decode`` (``_raw_layout``).  Tested on CPU in GPU interpret mode
 (``plgpu.InterpretGPUParams``; on a machine with few cores give the CPU backend several
 devices, as the test suite does: each warpgroup thread runs its own XLA computation that
 blocks in barrier callbacks, and one CPU device's small thread pool can deadlock them).
-Letter key: R query rows (b * s_q), N heads, H head dim,
-K the tile's tokens.
+Letter key: R query rows (b * s_q), S splits, N heads, H head dim, V value dim, K the
+tile's tokens.
 """
 from __future__ import annotations
 
