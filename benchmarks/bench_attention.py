@@ -273,7 +273,8 @@ def main(argv=None) -> None:
   p.add_argument("--full", action="store_true", help="FlashMLA shapes even on CPU")
   p.add_argument("--only", default="", help="comma-separated ops to run "
                  "(sparse_decode, dense_decode, sparse_prefill)")
-  p.add_argument("--impls", default="xla,pallas", help="comma-separated impls")
+  p.add_argument("--impls", default="", help="comma-separated impls (default: xla,pallas, "
+                 "plus mosaic on a GPU)")
   p.add_argument("--iters", type=int, default=None, help="calls per timing run")
   p.add_argument("--xla_max_gib", type=float, default=40.0,
                  help="skip the XLA reference when its working set exceeds this")
@@ -302,7 +303,8 @@ def main(argv=None) -> None:
             + (" Interpret mode on CPU: times measure the interpreter." if backend == "cpu" else ""))
   print(header.replace("# ", "", 1))
   print(format_row(COLUMNS))
-  rows = run(cases, iters, a.xla_max_gib, impls=tuple(a.impls.split(",")))
+  impls = a.impls or ("xla,pallas,mosaic" if backend == "gpu" else "xla,pallas")
+  rows = run(cases, iters, a.xla_max_gib, impls=tuple(impls.split(",")))
   if a.out:  # appended, dated: RESULTS.md keeps every device's figures
     import datetime
     with open(a.out, "a") as f:

@@ -10,6 +10,7 @@ semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
   mosaic_sparse_decode  its Hopper (sm_90a) Pallas Mosaic GPU kernel, FP8 caches.
   dispatch        ``resolve_impl``: which implementation ``impl="auto"`` means, per kernel.
   dense_decode    ``dense_decode`` (flash_mla_with_kvcache, paged, optional causal).
+  mosaic_dense_decode   its Hopper (sm_90a) Pallas Mosaic GPU kernel, FP8 and bf16 caches.
   sparse_prefill  ``sparse_prefill`` (flash_mla_sparse_fwd).
   mosaic_sparse_prefill  its Hopper (sm_90a) Pallas Mosaic GPU kernel (bf16 keys).
   combine         split-KV log-sum-exp combine.
@@ -21,10 +22,11 @@ semantics are documented in ``fp8_cache`` and in each kernel module's docstring.
                   (with 64-bit-safe addressing) they read.
 
 Each attention function takes ``impl="xla"`` (plain-jnp reference, the test oracle) or
-``impl="pallas"`` (Pallas Triton kernels; interpret mode on CPU); ``sparse_decode`` and
-``sparse_prefill`` also ``impl="mosaic"`` (the Hopper Pallas Mosaic GPU kernels,
-``mosaic_sparse_decode`` / ``mosaic_sparse_prefill``; GPU interpret mode on CPU) and ``impl="auto"`` (``dispatch.resolve_impl``); ``*_reference``
-are the oracles themselves.  Bad arguments raise ``ValueError`` before anything runs.
+``impl="pallas"`` (Pallas Triton kernels; interpret mode on CPU), ``impl="mosaic"`` (the Hopper
+Pallas Mosaic GPU kernels ``mosaic_sparse_decode`` / ``mosaic_dense_decode`` /
+``mosaic_sparse_prefill``; GPU interpret mode on CPU) or ``impl="auto"``
+(``dispatch.resolve_impl``); ``*_reference`` are the oracles themselves.  Bad arguments raise
+``ValueError`` before anything runs.
 """
 from pallas_kernels.combine import combine_splits
 from pallas_kernels.dense_decode import dense_decode, dense_decode_reference

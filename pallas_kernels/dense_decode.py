@@ -28,7 +28,10 @@ split-KV decoder (``flash_fwd_splitkv_mla`` + ``flash_fwd_mla_combine``):
     reading each token's page through ``block_table`` (so any page size works, 3 or 5
     included) and dequantising each key tile in registers (``_tiles``);
   * each program writes a normalised fp32 partial and its lse; ``combine.combine_splits``
-    merges the splits (with one split the kernel finalises in place and writes bf16).  Shapes (letter key:
+    merges the splits (with one split the kernel finalises in place and writes bf16).
+``impl="mosaic"`` is the Hopper (sm_90a) Pallas Mosaic GPU kernel, ``mosaic_dense_decode``
+(TMA page loads, warp-specialised, wgmma; FP8 ``KCache`` and one-KV-head bf16 caches,
+head_dim_v 512).  Shapes (letter key:
 B batch, T query positions, N query heads, K KV heads, G heads per KV head, S key
 positions, Z page blocks, Y tokens per block, H head dim, V value dim):
   q ``[B, T, N, H]`` bf16; block_table ``[B, max_blocks]`` int32; cache_seqlens ``[B]``
@@ -45,11 +48,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _tiles, cache_view, combine, softmax
+from pallas_kernels import _tiles, cache_view, combine, dispatch, softmax
 from pallas_kernels.fp8_cache import bytes_per_token, host_value, require
 from pallas_kernels.tuning import DenseDecodeTuning, KernelTuning, check_tuning, choose_num_splits  # noqa: F401
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "mosaic")
+dispatch.register_mosaic("dense_decode")     # impl="mosaic": mosaic_dense_decode.py
 
 
 def validate_dense_decode_args(q, k_cache, block_table, cache_seqlens, *, head_dim_v,
@@ -278,17 +282,30 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v, softmax_
     head_dim_v: value dims (the first head_dim_v of the key).
     softmax_scale: default d_qk ** -0.5.
     causal: for s_q > 1, query t sees keys j <= cache_seqlens - s_q + t.
-    impl: "xla" (the reference) or "pallas" (the Triton split-KV kernel; interpret mode
-      on CPU).  The kernel needs head_dim_v = d_qk - 64 or d_qk (whole key tiles).
+    impl: "xla" (the reference), "pallas" (the Triton split-KV kernel; interpret mode
+      on CPU; needs head_dim_v = d_qk - 64 or d_qk, whole key tiles), "mosaic" (the
+      Hopper Mosaic GPU kernel: FP8 ``KCache`` or bf16 cache with one KV head, head_dim_v
+      512; GPU interpret mode on CPU) or "auto" (``dispatch.resolve_impl``: "mosaic" on
+      Hopper when it covers the case, else "pallas" on a GPU, "xla" elsewhere).
     tuning: ``KernelTuning`` for impl="pallas" (default: its defaults).
     interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (+inf if no key).
   """
-  require(impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}")
+  expected = (dispatch.AUTO,) + IMPLS
+  require(impl in expected, f"impl={impl!r}: expected one of {expected}")
   args = validate_dense_decode_args(q, k_cache, block_table, cache_seqlens,
                                     head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                                     causal=causal)
+  if impl == dispatch.AUTO:
+    impl = dispatch.resolve_impl(impl, kernel="dense_decode")
+    if impl == "mosaic":
+      from pallas_kernels import mosaic_dense_decode
+      if not mosaic_dense_decode.supports(args, head_dim_v):
+        impl = "pallas"
+  if impl == "mosaic":                 # Hopper Pallas Mosaic GPU kernel: mosaic_dense_decode.py
+    from pallas_kernels import mosaic_dense_decode
+    return mosaic_dense_decode.dense_decode(args, head_dim_v, interpret, check_tuning(tuning))
   if impl == "pallas":
     _tiles.key_layout("bf16", q.shape[-1], head_dim_v)          # ValueError if untileable
     return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),

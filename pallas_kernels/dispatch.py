@@ -8,7 +8,8 @@ Every attention entry point (``sparse_decode``, ``dense_decode``, ``sparse_prefi
   ``"pallas"``  the Pallas Triton kernels (GPU; interpret mode, slow but exact, on CPU).
   ``"mosaic"``  Pallas Mosaic GPU kernels (Hopper, compute capability >= 9.0), for the
                 kernels that have one (``register_mosaic(kernel)``; today sparse decode
-                over the FP8 caches and sparse prefill over bf16 keys).  Asking a kernel without one for it is an error.
+                over the FP8 caches, dense decode over FP8 and bf16 caches, sparse prefill
+                over bf16 keys).  Asking a kernel without one for it is an error.
 
 ``resolve_impl("auto", kernel=...)`` resolves on the host, before anything is traced: on a
 GPU, ``"mosaic"`` when the first device has compute capability >= 9.0 and that kernel has

@@ -160,15 +160,17 @@ def test_a_kernel_dropping_one_key_fails_the_comparison(runs, monkeypatch):
 
 def test_resolve_impl(monkeypatch):
   # the backend this runs on; one name for every kernel (kernel=None) is "mosaic" only once
-  # all three kernels have a Mosaic GPU version (today: sparse decode only)
+  # all three kernels have a Mosaic GPU version (today: sparse and dense decode)
   assert dispatch.resolve_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
   assert dispatch.resolve_impl("xla") == "xla" and dispatch.resolve_impl("pallas") == "pallas"
   for bad in ("triton", "mosaic", None, "AUTO"):
     with pytest.raises(ValueError, match=r"impl=.*expected one of \('auto', 'xla', 'pallas'\)"):
       dispatch.resolve_impl(bad)
-  assert dispatch.resolve_impl("mosaic", kernel="sparse_decode") == "mosaic"
-  with pytest.raises(ValueError, match="impl='mosaic'.*for dense_decode"):
-    dispatch.resolve_impl("mosaic", kernel="dense_decode")
+  for k in ("sparse_decode", "dense_decode"):
+    assert dispatch.resolve_impl("mosaic", kernel=k) == "mosaic"
+  for k in (k for k in dispatch.KERNELS if not dispatch.mosaic_registered(k)):
+    with pytest.raises(ValueError, match=f"impl='mosaic'.*for {k}"):
+      dispatch.resolve_impl("mosaic", kernel=k)
   with pytest.raises(ValueError, match="kernel='decode'"):
     dispatch.resolve_impl("auto", kernel="decode")
 
