@@ -352,9 +352,13 @@ class MLA(nnx.Module):
     """``sparse_prefill`` with every query of the batch as one row: ``rows`` ([B, S_i, H]
     each) are flattened and concatenated into the key rows that ``idx_BTX`` (-1 invalid)
     index. Returns [B,T,N,V] in q's dtype."""
+    from pallas_kernels import mosaic_sparse_prefill
+    from pallas_kernels.dispatch import model_kernel_impl
     from pallas_kernels.sparse_prefill import sparse_prefill
     B, T, N, H = q_BTNH.shape
     kv_S1H = jnp.concatenate([r.reshape(-1, H) for r in rows])[:, None].astype(jnp.bfloat16)
+    impl = model_kernel_impl(impl, lambda: mosaic_sparse_prefill.supports(
+        {"q": q_BTNH.reshape(B * T, N, H), "kv": kv_S1H}, self.d_v))
     sink = self.sink()
     o_RNV, _, _ = sparse_prefill(
         q_BTNH.reshape(B * T, N, H).astype(jnp.bfloat16), kv_S1H,

@@ -105,7 +105,11 @@ def dense_decode(q_BTNH, cache, block_table_BZ, seqlens_B, *, head_dim_v: int,
                                    head_dim_v=head_dim_v, causal=causal)
     o, lse_BTN = combine.finalize(o, lse_BTN, out_dtype=jnp.float32)
     return o, jnp.swapaxes(lse_BTN, 1, 2)
+  from pallas_kernels import mosaic_dense_decode
   from pallas_kernels.dense_decode import dense_decode as kernel
+  from pallas_kernels.dispatch import model_kernel_impl
+  impl = model_kernel_impl(impl, lambda: mosaic_dense_decode.supports(
+      {"cache": cache, "q": q_BTNH}, head_dim_v))
   return kernel(q_BTNH.astype(jnp.bfloat16), cache, block_table_BZ, seqlens_B,
                 head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal, impl=impl)
 
@@ -128,7 +132,11 @@ def sparse_decode(q_BTNH, cache, indices_BTX, *, head_dim_v: int, softmax_scale:
                                     head_dim_v=head_dim_v)
     o, lse_BTN = combine.finalize(o, lse_BTN, attn_sink, out_dtype=jnp.float32)
     return o, jnp.swapaxes(lse_BTN, 1, 2)
+  from pallas_kernels import mosaic_sparse_decode
+  from pallas_kernels.dispatch import model_kernel_impl
   from pallas_kernels.sparse_decode import sparse_decode as kernel
+  impl = model_kernel_impl(impl, lambda: mosaic_sparse_decode.supports(
+      {"cache": cache, "extra_cache": extra_k_cache, "q": q_BTNH}, head_dim_v))
   return kernel(q_BTNH.astype(jnp.bfloat16), cache, indices_BTX, head_dim_v=head_dim_v,
                 softmax_scale=softmax_scale, attn_sink=attn_sink, impl=impl,
                 extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache)

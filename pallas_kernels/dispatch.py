@@ -81,6 +81,15 @@ def resolve_impl(impl: str, kernel: str | None = None) -> str:
   return "pallas"
 
 
+def model_kernel_impl(impl: str, covered) -> str:
+  """What a whole model (one resolved name for every kernel) passes to one kernel call:
+  its ``"mosaic"`` means the Mosaic GPU kernel where that kernel covers the call
+  (``covered()``: the kernel module's ``supports``) and the Triton kernel elsewhere (a bf16
+  sparse-decode cache, a head geometry outside FlashMLA's), so choosing Mosaic for a model
+  never turns a case the Triton kernels run into an error.  Other names pass through."""
+  return "pallas" if impl == "mosaic" and not covered() else impl
+
+
 # The first Pallas interpret-mode call imports ``jax._src.pallas.fuser``, which defines a
 # config option that is part of every jit's trace context: every function jitted before
 # that moment would then be traced and compiled again (jax 0.11.2). Importing it up front

@@ -159,18 +159,23 @@ def test_a_kernel_dropping_one_key_fails_the_comparison(runs, monkeypatch):
 
 
 def test_resolve_impl(monkeypatch):
-  # the backend this runs on; one name for every kernel (kernel=None) is "mosaic" only once
-  # all three kernels have a Mosaic GPU version (today: sparse and dense decode)
-  assert dispatch.resolve_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
-  assert dispatch.resolve_impl("xla") == "xla" and dispatch.resolve_impl("pallas") == "pallas"
-  for bad in ("triton", "mosaic", None, "AUTO"):
-    with pytest.raises(ValueError, match=r"impl=.*expected one of \('auto', 'xla', 'pallas'\)"):
+  # every kernel has a Mosaic GPU version, so one name for a whole model may be "mosaic"
+  assert dispatch.mosaic_registered() and set(dispatch.KERNELS) == {
+      "sparse_decode", "dense_decode", "sparse_prefill"}
+  if jax.default_backend() != "gpu":
+    assert dispatch.resolve_impl("auto") == "xla"
+  for name in ("xla", "pallas", "mosaic"):
+    assert dispatch.resolve_impl(name) == name
+  for bad in ("triton", None, "AUTO"):
+    with pytest.raises(ValueError,
+                       match=r"impl=.*expected one of \('auto', 'xla', 'pallas', 'mosaic'\)"):
       dispatch.resolve_impl(bad)
-  for k in ("sparse_decode", "dense_decode"):
-    assert dispatch.resolve_impl("mosaic", kernel=k) == "mosaic"
-  for k in (k for k in dispatch.KERNELS if not dispatch.mosaic_registered(k)):
-    with pytest.raises(ValueError, match=f"impl='mosaic'.*for {k}"):
-      dispatch.resolve_impl("mosaic", kernel=k)
+  # a kernel without a Mosaic version refuses "mosaic", and so does the whole-model name
+  monkeypatch.setattr(dispatch, "_mosaic_kernels", {"sparse_decode", "sparse_prefill"})
+  with pytest.raises(ValueError, match="impl='mosaic'.*for dense_decode"):
+    dispatch.resolve_impl("mosaic", kernel="dense_decode")
+  with pytest.raises(ValueError, match=r"impl='mosaic': expected one of \('auto', 'xla', 'pallas'\)"):
+    dispatch.resolve_impl("mosaic")
   with pytest.raises(ValueError, match="kernel='decode'"):
     dispatch.resolve_impl("auto", kernel="decode")
 
@@ -197,3 +202,22 @@ def test_resolve_impl(monkeypatch):
   # generate() resolves first: a bad impl fails before the model is even looked at
   with pytest.raises(ValueError, match="impl='triton'"):
     generate(types.SimpleNamespace(cfg=None), [[1]], impl="triton")
+
+
+def test_a_models_mosaic_falls_back_to_triton_where_a_kernel_does_not_cover_the_call():
+  from pallas_kernels import mosaic_dense_decode, mosaic_sparse_decode, mosaic_sparse_prefill
+  from pallas_kernels.fp8_cache import KCache
+  q_BTNH = jnp.zeros((1, 1, 2, 576), jnp.bfloat16)
+  cover = {fmt: KCache.empty(2, 64, fmt, head_dim=576) for fmt in ("v32", "bf16")}
+  sparse = lambda c: mosaic_sparse_decode.supports(  # noqa: E731
+      {"cache": c, "extra_cache": None, "q": q_BTNH}, 512)
+  dense = lambda c: mosaic_dense_decode.supports({"cache": c, "q": q_BTNH}, 512)  # noqa: E731
+  assert sparse(cover["v32"]) and not sparse(cover["bf16"])  # sparse decode reads FP8 only
+  assert dense(cover["v32"]) and dense(cover["bf16"])
+  assert not dense(KCache.empty(2, 61, "bf16", head_dim=576))  # bf16 pages: multiples of 8
+  prefill = lambda d, dv: mosaic_sparse_prefill.supports(  # noqa: E731
+      {"q": jnp.zeros((4, 2, d), jnp.bfloat16), "kv": jnp.zeros((8, 1, d), jnp.bfloat16)}, dv)
+  assert prefill(576, 512) and prefill(512, 512) and not prefill(128, 64)
+  for covered, want in ((True, "mosaic"), (False, "pallas")):
+    assert dispatch.model_kernel_impl("mosaic", lambda c=covered: c) == want
+  assert dispatch.model_kernel_impl("xla", lambda: False) == "xla"
