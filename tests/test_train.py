@@ -2,7 +2,6 @@
 move across mesh shapes, every config trains at tiny size."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,20 +20,6 @@ from model1.model import Transformer
 def _losses(workdir):
   rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   return [r["step"] for r in rows], [r["loss"] for r in rows]
-
-
-def test_tiny_config_loss_falls_on_real_corpus(tmp_path, tiny_cfg):
-  cfg = tiny_cfg.copy_and_resolve_references()
-  cfg.train.update(steps=30, log_every=1, warmup_steps=5, eval_every=0, progress=False)
-  cfg.data.seq_len, cfg.mesh.num_devices = 64, 1  # the config's model, half its context
-  trainer.run(cfg, tmp_path)
-  steps, losses = _losses(tmp_path)
-  assert steps == list(range(1, 31))
-  # ln(4096) = 8.3 at init; 30 AdamW steps on real code reliably reach < 7
-  assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
-  assert (tmp_path / "loss.png").stat().st_size > 1000
-  prov = json.loads((tmp_path / "provenance.json").read_text())
-  assert prov["corpus_manifest_hash"] and prov["packages"]["jax"] and "git_commit" in prov
 
 
 def _train_cmd(workdir, *flags):
