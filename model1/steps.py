@@ -1,7 +1,8 @@
 """The one train step and eval step (shared by train.py, eval.py, benchmarks, notebooks).
 
 ``loss_fn`` is token-level cross-entropy over ``loss_mask`` (next-token targets inside a
-document; padding and document boundaries masked). ``train_step`` accumulates gradients
+document; padding and document boundaries masked), the head applied in chunks of
+positions (``model1.head_loss``) so the [B,T,V] logits are never whole. ``train_step`` accumulates gradients
 over ``grad_accum`` micro-batches with ``lax.scan`` (one compiled body, whatever the
 count) and applies the optimizer once. ``check_batch`` validates a host batch before jit.
 """
@@ -57,8 +58,8 @@ def collect(model, kind) -> dict:
 def loss_fn(model, batch: dict):
   """Next-token cross-entropy over ``loss_mask`` plus every sown ``AuxLoss``.
   Returns (total, aux) with aux["loss"] the LM loss alone."""
-  logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch=batch)
-  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  x_BTD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], batch=batch)
+  ce_BT = model.token_cross_entropy(x_BTD, batch["targets"])  # in chunks: no [B,T,V] logits
   mask_BT = batch["loss_mask"]
   n = jnp.maximum(mask_BT.sum(), 1.0)
   loss = (ce_BT * mask_BT).sum() / n
