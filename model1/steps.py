@@ -77,7 +77,6 @@ def _split_micro(batch: dict, k: int) -> dict:
   return jax.tree.map(one, batch)
 
 
-@nnx.jit(static_argnames=("grad_accum",))
 def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
   """One optimizer step over ``batch`` (split into ``grad_accum`` micro-batches).
 
@@ -85,7 +84,28 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
   through the micro-batches; after the update, MoE router biases move against each
   expert's load (aux-loss-free balancing, outside the gradient). Host-resident Engram
   tables stay out of autodiff: ``batch["engram_emb"]`` brings their gathered rows, and
-  the step returns d loss / d rows as ``engram_grads`` for ``update_host_tables``."""
+  the step returns d loss / d rows as ``engram_grads`` for ``update_host_tables``.
+
+  Two compiled programs, the gradient and the update: XLA's CPU compile time grows
+  faster than a program's size, and the update touches every per-layer parameter (1,371
+  leaves in the 43-layer peer config), so one fused program compiled in ~134 s of CPU
+  where the two parts take ~54 s and ~23 s. The gradients are materialised either way."""
+  out, grads = grad_step(model, optimizer, batch, grad_accum=grad_accum)
+  apply_update(model, optimizer, grads)
+  return out
+
+
+@nnx.jit
+def apply_update(model, optimizer, grads):
+  """The optimizer update, then the MoE router-bias step against the expert load."""
+  optimizer.update(model, grads)
+  moe.apply_bias_updates(model)
+
+
+@nnx.jit(static_argnames=("grad_accum",))
+def grad_step(model, optimizer, batch: dict, grad_accum: int = 1):
+  """(metrics, gradients w.r.t. ``optimizer.wrt``) of ``train_step``; updates the
+  non-parameter state the forward changes (MoE load counters)."""
   emb = batch.get("engram_emb")
   batch = {k: v for k, v in batch.items() if k != "engram_emb"}
   wrt = nnx.Param if emb is None else HOST_TABLE_TRAINABLE
@@ -126,12 +146,10 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
   if optimizer.wrt is not wrt:  # e.g. the DSA warm-up trains the indexer only
     grads = nnx.state(nnx.merge(graphdef, grads, frozen, rest), optimizer.wrt)
   grad_norm = optax.global_norm(grads)
-  optimizer.update(model, grads)
-  moe.apply_bias_updates(model)
   out = {"loss": loss, "grad_norm": grad_norm, **extras}
   if emb is not None:
     out["engram_grads"] = g_emb
-  return out
+  return out, grads
 
 
 # Non-parameter state a forward may change (MoE load counters), never the table moments.
