@@ -9,7 +9,9 @@ Parameter names follow DeepSeek's ``inference/model.py`` (embed, layers.i.attn.w
 hc_head, norm, head, mtp.k.*). Packed batches carry ``segment_ids`` (0 = padding) and
 per-document ``positions``; attention never crosses a segment boundary.
 
-Forms: ``__call__`` (training; adds MTP losses when given the batch), ``prefill`` (also
+Forms: ``__call__`` (logits; adds MTP losses when given the batch), ``hidden`` (the same
+without the head: the training loss applies the head in chunks of positions,
+``token_cross_entropy``, so the [B,T,V] logits never exist whole), ``prefill`` (also
 returns every layer's cache vectors) and ``decode`` (new tokens against paged caches).
 All three run the block stack through ``model1.scan``: runs of identical layers are one
 ``lax.scan`` (``model.scan_layers``, default on; off = a plain Python loop), each block
