@@ -91,7 +91,8 @@ class Transformer(nnx.Module):
     in chunks of positions so the [B,T,V] logits never exist whole (``model1.head_loss``)."""
     if getattr(self.head, "fp8_qat", False):  # a quantised head: its own matmul, unchunked
       return optax.softmax_cross_entropy_with_integer_labels(self.logits(x_BTD), targets_BT)
-    return head_loss.token_cross_entropy(x_BTD, self.head.weight[...], targets_BT)
+    return head_loss.token_cross_entropy(x_BTD, self.head.weight[...], targets_BT,
+                                         chunk_bytes=head_loss.CHUNK_BYTES)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
     """Logits [B,T,V] (fp32). With the training ``batch`` (targets, loss_mask, optional
