@@ -9,7 +9,9 @@ Parameter names follow DeepSeek's ``inference/model.py`` (embed, layers.i.attn.w
 hc_head, norm, head, mtp.k.*). Packed batches carry ``segment_ids`` (0 = padding) and
 per-document ``positions``; attention never crosses a segment boundary.
 
-Forms: ``__call__`` (training; adds MTP losses when given the batch), ``prefill`` (also
+Forms: ``__call__`` (logits; adds MTP losses when given the batch), ``hidden`` (the same
+without the head: the training loss applies the head in chunks of positions,
+``token_cross_entropy``, so the [B,T,V] logits never exist whole), ``prefill`` (also
 returns every layer's cache vectors) and ``decode`` (new tokens against paged caches).
 All three run the block stack through ``model1.scan``: runs of identical layers are one
 ``lax.scan`` (``model.scan_layers``, default on; off = a plain Python loop), each block
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from model1 import scan, sharding
+from model1 import head_loss, scan, sharding
 from model1.block import Block
 from model1.config import ModelConfig
 from model1.layers import AuxLoss, Dense, Embed, Metric, RMSNorm
 from model1.mhc import STREAM_AXES, HCHead, expand
-from model1.mtp import MTPBlock, mtp_loss, shifted
+from model1.mtp import MTPBlock, mtp_targets, shifted
 
 
 class Transformer(nnx.Module):
@@ -83,9 +86,22 @@ class Transformer(nnx.Module):
   def final_hidden(self, h_BTCD):
     return self.norm(self.hc_head(h_BTCD))
 
+  def token_cross_entropy(self, x_BTD, targets_BT):
+    """Per-position cross-entropy [B,T] of the head's logits at ``targets_BT``, computed
+    in chunks of positions so the [B,T,V] logits never exist whole (``model1.head_loss``)."""
+    if getattr(self.head, "fp8_qat", False):  # a quantised head: its own matmul, unchunked
+      return optax.softmax_cross_entropy_with_integer_labels(self.logits(x_BTD), targets_BT)
+    return head_loss.token_cross_entropy(x_BTD, self.head.weight[...], targets_BT,
+                                         chunk_bytes=head_loss.CHUNK_BYTES)
+
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
     """Logits [B,T,V] (fp32). With the training ``batch`` (targets, loss_mask, optional
     ``engram_hash`` ids) the MTP modules run and report their losses."""
+    return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT, batch))
+
+  def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, batch=None):
+    """The final hidden states [B,T,D] the head reads (``__call__`` without the head;
+    the training loss applies the head chunk by chunk). MTP runs as in ``__call__``."""
     batch = batch or {}
     engram_hash, engram_emb = batch.get("engram_hash"), batch.get("engram_emb")
     if self.cfg.use_engram and engram_hash is None and engram_emb is None:
@@ -93,10 +109,10 @@ class Transformer(nnx.Module):
                        "batch['engram_hash'] (see model1.trainer.add_host_inputs)")
     h_BTCD, _, _ = self.streams(tokens_BT, positions_BT, segment_ids_BT, engram_hash,
                                 engram_emb, return_kv=False)
-    logits_BTV = self.logits(self.final_hidden(h_BTCD))
+    x_BTD = self.final_hidden(h_BTCD)
     if len(self.mtp) and "targets" in batch:
       self._mtp_losses(h_BTCD, batch, positions_BT, segment_ids_BT)
-    return logits_BTV
+    return x_BTD
 
   def _mtp_losses(self, h_BTCD, batch, positions_BT, segment_ids_BT):
     targets, mask = batch["targets"], batch["loss_mask"]
@@ -104,7 +120,9 @@ class Transformer(nnx.Module):
       next_ids = shifted(targets, k)  # token k+1 ahead of each input position
       h_BTCD, x_BTD = mtp(h_BTCD, next_ids, self.embed(next_ids, self.dtype), positions_BT,
                           segment_ids_BT)
-      ce = mtp_loss(self.logits(x_BTD), targets, mask, k)
+      tgt_BT, m_BT = mtp_targets(targets, mask, k)
+      ce_BT = self.token_cross_entropy(x_BTD, tgt_BT)
+      ce = (ce_BT * m_BT).sum() / jnp.maximum(m_BT.sum(), 1.0)
       self.sow(Metric, f"mtp_loss_{k}", ce)
       self.sow(AuxLoss, f"mtp_{k}", self.cfg.mtp.loss_weight * ce)
 

@@ -50,12 +50,18 @@ def shifted(x_BT, k: int, fill=0):
   return jnp.concatenate([x_BT[:, k:], pad], axis=1)
 
 
-def mtp_loss(logits_BTV, targets_BT, mask_BT, k: int):
-  """CE of depth k: position t predicts targets[t + k + 1]; valid only when every
-  transition t .. t+k+1 stays inside the document (product of the shifted masks)."""
-  tgt = shifted(targets_BT, k + 1)
+def mtp_targets(targets_BT, mask_BT, k: int):
+  """(targets, mask) of depth k: position t predicts targets[t + k + 1]; valid only when
+  every transition t .. t+k+1 stays inside the document (product of the shifted masks)."""
   m = mask_BT
   for j in range(1, k + 2):
     m = m * shifted(mask_BT, j)
+  return shifted(targets_BT, k + 1), m
+
+
+def mtp_loss(logits_BTV, targets_BT, mask_BT, k: int):
+  """Masked mean CE of depth k from full logits (the model computes the same from its
+  final hidden states in chunks, ``Transformer.token_cross_entropy``)."""
+  tgt, m = mtp_targets(targets_BT, mask_BT, k)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tgt)
   return (ce * m).sum() / jnp.maximum(m.sum(), 1.0)

@@ -172,9 +172,18 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 def create_sharded(build: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Module:
-  """Construct a module with every parameter created directly in its sharded layout."""
+  """Construct a module with every parameter created directly in its sharded layout.
+
+  On a one-device mesh nothing needs laying out: the module is built op by op (each
+  initializer compiled once per shape and reused across layers) and then placed. One
+  jitted init of a deep model is one XLA program of thousands of RNG kernels, and its
+  CPU compile time grows faster than the depth (206 s for the 43-layer
+  ``v4_tiny_peer`` on 2 CPU cores, against ~10 s op by op)."""
   if mesh is None:
     return build()
+  if mesh.size == 1:
+    graphdef, state = nnx.split(build())
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
   abstract = nnx.eval_shape(build)
   graphdef, state = nnx.split(abstract)
   shardings = state_shardings(state, mesh)
