@@ -9,7 +9,7 @@ one path, with the real 576/512 geometries:
   * FP8 model1, pages of 64 (the tile's scales in one box), s_q 2 causal, 2 heads,
     split-KV in 3 (lengths 130: one tile per split, and 3: two empty splits), race
     detector on;
-  * FP8 model1, pages of 61 (scales by per-token windows), length 70, 2 heads;
+  * FP8 model1, pages of 61 (scales by per-token windows), length 70, 4 heads;
   * bf16 ``KCache`` (512-dim: two pipelined K stages), pages of 64, s_q 3 causal, length
     150 (three tiles, the last fixed in place), 16 heads;
   * bf16 array ``[Z, Y, 1, 576]`` (one K stage), pages of 16 (48 masked rows per tile),
@@ -103,7 +103,7 @@ RACES = plgpu.InterpretGPUParams(detect_races=True)
 CASES = {   # name: (kind, s_q, h, block_size, lens, splits)
     "v32": ("v32", 1, 16, 61, [127, 61], 1),
     "model1": ("model1", 2, 2, 64, [130, 3], 3),
-    "model1_page61": ("model1", 1, 2, 61, [70], 1),
+    "model1_page61": ("model1", 1, 4, 61, [70], 1),
     "bf16": ("bf16", 3, 16, 64, [150], 1),
     "bf16_array": ("bf16_array", 1, 128, 16, [40, 0], 1),
 }
