@@ -176,6 +176,36 @@ def test_sparse_decode_lowers_for_cuda(fmt):
   assert txt.count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
 
 
+def test_sparse_decode_split_kv_lowers_for_cuda():
+  """Split-KV (fp32 partials stored from registers, lse by TMA, no sink in the kernel)
+  lowers for CUDA too; the combine runs after the one kernel."""
+  d = D["model1"]
+  cache, extra = pk.KCache.empty(3, PAGE, "model1", d), pk.KCache.empty(4, 5, "model1", d)
+  q = jnp.zeros((1, 2, 128, d), jnp.bfloat16)
+  idx, lens = jnp.zeros((1, 2, 100), jnp.int32), jnp.zeros((1,), jnp.int32)
+  f = lambda q, c, i, l, e, ei, el, s: pk.sparse_decode(
+      q, c, i, head_dim_v=DV, attn_sink=s, topk_length=l, extra_k_cache=e,
+      extra_indices_in_kvcache=ei, extra_topk_length=el, impl="mosaic", interpret=False,
+      tuning=pk.KernelTuning(num_splits=3))
+  exp = jax.export.export(jax.jit(f), platforms=["cuda"])(
+      q, cache, idx, lens, extra, idx[..., :20], lens, jnp.zeros((128,), jnp.float32))
+  assert exp.mlir_module().count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
+
+
+@pytest.mark.parametrize("b,expect_split", [(1, True), (2, True), (8, True), (128, False)])
+def test_sparse_decode_split_scheduler(b, expect_split):
+  """The scheduler (no kernel runs) at FlashMLA-like shapes on 132 SMs: h 128, s_q 2,
+  top-k 2048 + extra 512.  Small batch (4-32 CTAs) splits, since filling the SMs beats
+  the fp32 partials' bytes; b 128 (512 CTAs, ~4 waves) does not."""
+  q = jax.ShapeDtypeStruct((b, 2, 128, 576), jnp.bfloat16)
+  idx = jax.ShapeDtypeStruct((b, 2, 2048), jnp.int32)
+  extra = jax.ShapeDtypeStruct((b, 2, 512), jnp.int32)
+  s = msd.choose_splits(q, "v32", idx, extra, None)
+  assert (s > 1) == expect_split, s
+  assert 1 <= s <= (2048 + 512) // 64
+  assert msd.choose_splits(q, "v32", idx, extra, pk.KernelTuning(num_splits=5)) == 5
+
+
 def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
   """impl="auto" on a (faked) compute-capability-9.0 GPU runs the Mosaic kernel for the FP8
   caches and the Triton kernel where Mosaic does not cover the case (a bf16 cache); the
