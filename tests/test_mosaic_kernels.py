@@ -222,3 +222,13 @@ def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
   for c in (cache, bf16):
     pk.sparse_decode(q, c, idx, head_dim_v=DV, impl="auto", interpret=True)
   assert ran == ["mosaic", "pallas"]
+
+
+def test_sparse_decode_split_kv_matches_reference():
+  """Split-KV in 2 over one query row: main top-k 128 (two tiles, lengths 70 so the second
+  is partial) -- fp32 partials merged by the combine, which applies the sink once."""
+  q, cache, idx, kw = _case("model1", 1, 1, 4, 128, lengths=[70], sink=True, seed=4)
+  args = validate_sparse_decode_args(q, cache, idx, head_dim_v=DV, **kw)
+  out, lse = msd.run(**args, head_dim_v=DV, num_splits=2, interpret=plgpu.InterpretGPUParams())
+  ref_out, ref_lse = pk.sparse_decode_reference(q, cache, idx, head_dim_v=DV, **kw)
+  _check(out, lse, ref_out, ref_lse)
