@@ -225,10 +225,18 @@ def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
 
 
 def test_sparse_decode_split_kv_matches_reference():
-  """Split-KV in 2 over one query row: main top-k 128 (two tiles, lengths 70 so the second
-  is partial) -- fp32 partials merged by the combine, which applies the sink once."""
-  q, cache, idx, kw = _case("model1", 1, 1, 4, 128, lengths=[70], sink=True, seed=4)
+  """Split-KV in 4 with the race detector: s_q 2 (one row with every index -1), main top-k
+  100 with lengths 70 (two tiles, the second partial) + extra top-k 20 with lengths 13
+  (one tile) = 3 tiles per row, so split 3 is empty (lse +inf, weight 0 in the combine);
+  sink -inf/finite/+inf applied once, by the combine, to the merged fp32 partials."""
+  q, cache, idx, kw = _case("model1", 1, 2, 4, 100, lengths=[70], extra=(4, 5, 20, [13]),
+                            sink=True, seed=4)
   args = validate_sparse_decode_args(q, cache, idx, head_dim_v=DV, **kw)
-  out, lse = msd.run(**args, head_dim_v=DV, num_splits=2, interpret=plgpu.InterpretGPUParams())
+  try:
+    out, lse = msd.run(**args, head_dim_v=DV, num_splits=4, interpret=RACES)
+  finally:
+    raced = mgpu_interpret.get_races().races_found
+    mgpu_interpret.reset_gpu_interpret_mode_state()
+  assert not raced
   ref_out, ref_lse = pk.sparse_decode_reference(q, cache, idx, head_dim_v=DV, **kw)
   _check(out, lse, ref_out, ref_lse)
