@@ -8,8 +8,8 @@ the optional extra cache, attention sink, ``topk_length`` / ``extra_topk_length`
 
 Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Triton tiling):
 
-  * One CTA per (query row, 64-head block): grid ``(b * s_q, ceil(h_q / 64))``, heads padded
-    to 64 (wgmma's M).  Three warpgroups (``num_threads=3``):
+  * One CTA per (query row, split, 64-head block): grid ``(b * s_q, S, ceil(h_q / 64))``,
+    heads padded to 64 (wgmma's M).  Three warpgroups (``num_threads=3``):
       - warpgroup 2, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
         shared-memory stages, then dequantises each tile on chip (registers) into a bf16
         K tile in swizzled shared memory, zeroing invalid tokens, and signals "ready";
@@ -35,6 +35,25 @@ Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Tr
     accumulates in place (``pl.run_state`` with ``ACC.init``); interpret mode does not
     simulate that, so there P V goes into a fresh accumulator that is then added
     (``interpreted``; the CUDA-lowering test covers the GPU branch).
+  * Split-KV (FlashMLA's ``splitkv`` + combine): a row's chunk list (main tiles, then
+    extra tiles: ``ceil(topk_length / 64) + ceil(extra_topk_length / 64)``, computed in
+    the kernel from the row's own lengths) is dealt out in S equal runs of whole 64-token
+    tiles; split s walks only its run, through the same pipeline.  With S > 1 each CTA
+    writes an fp32 partial normalised over its run (no sink), straight from the wgmma
+    registers to global memory (an fp32 staging tile would need 64 KB of shared memory
+    per consumer, which is not left), and its lse through shared memory and TMA (+inf for
+    a run with no valid key, so an empty or past-the-end split weighs exactly 0);
+    ``combine.combine_splits`` merges them and applies the sink once, as the Triton path
+    does.  With S = 1 the kernel finalises itself (sink, empty-row rule, bf16 out by TMA).
+    Shared memory is unchanged (the partial never touches it).  S: ``tuning.num_splits``,
+    else ``choose_splits``, the Triton path's cost model (``tuning.choose_num_splits``):
+    whole waves of 132 SMs, each CTA's tile time counted as the bytes it gathers
+    (752 / 696 B per token), against 2 x 64 x 513 x 4 bytes of partials written and
+    re-read per split and CTA plus the combine's launch.  At FlashMLA-like shapes (h 128,
+    s_q 2, top-k 2048 + extra 512): b 1-8 (4-32 CTAs) split, b 128 (512 CTAs) does not.
+    The model is conservative: a tile costs ~2.7-4 us of wgmma and dequant (below), more
+    than its ~1.5 us of bytes, so real small-batch runs may want more splits (tune
+    ``num_splits`` on the GPU).  In interpret mode it counts 2 SMs (CPU time per CTA).
   * h_q = 128 runs as two CTAs of 64 heads that are neighbours in the grid (the head-block
     axis is the fastest), so the second one's gathers of the same tokens hit L2; a single
     CTA holding 128 heads of a 576-dim query (147 KB) plus its K stage does not fit in
@@ -93,11 +112,11 @@ the producer's 128 threads instead of one thread issuing 320 TMA copies per tile
 warpgroup 1 overlapping the next QK^T of warpgroup 0 (it does once the producer runs
 ahead); conflict-free code loads (16-byte lane loads are conflict-free, but their 32-byte
 bf16 vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that store).  At
-small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV
-here yet, so expect far less there.
+small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs; split-KV refills them
+at the cost of the partials and the combine (unmeasured).
 
-CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1 s per
-geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
+CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested with and
+without splits, ~1 s per geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
 array has the layout we give it (the consumers' tiles in ``plgpu.Layout.WGMMA``, the
 producer's in ``_raw_layout``, per-head and per-token vectors in their reductions) instead
 of the Warpgroup semantics' layout search, which finds no assignment for the
@@ -114,7 +133,7 @@ buffer).  What this does not check: ptxas (registers, spills) and the run itself
 
 Tested on CPU in GPU interpret mode (``plgpu.InterpretGPUParams``), which simulates shared
 memory, TMA, mbarriers, wgmma and warpgroup races.  Letter key: R query rows (b * s_q), N
-heads, H head dim, X top-k, K the tile's tokens.
+heads, H head dim, X top-k, K the tile's tokens, S splits, V value dim.
 """
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ Interpret mode costs roughly (CTAs x tiles x per-token TMA copies), so the cases
 small but keep the real 576/512 geometries, pages of 61 tokens, top-k and lengths that are
 not multiples of the 64-token tile, heads padded to the 64-head wgmma block (4 and 16 heads)
 and one two-block case (128 heads), NaN bytes in every slot the kernel may touch but must
-not use, -1 indices, an empty query row, sink values -inf/finite/+inf, and the extra cache.
-Beside them: the real kernel lowers for CUDA without a GPU (both geometries), and
+not use, -1 indices, an empty query row, sink values -inf/finite/+inf, the extra cache, and
+split-KV (4 splits of 3 tiles, one empty; race detector on).  Beside them: the real kernel
+lowers for CUDA without a GPU (both geometries, and with splits), the split scheduler's
+choice at FlashMLA-like shapes, and
 ``impl="auto"`` routes to it on a (faked) Hopper device.
 """
 import dataclasses
