@@ -8,8 +8,8 @@ the optional extra cache, attention sink, ``topk_length`` / ``extra_topk_length`
 
 Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Triton tiling):
 
-  * One CTA per (query row, 64-head block): grid ``(b * s_q, ceil(h_q / 64))``, heads padded
-    to 64 (wgmma's M).  Three warpgroups (``num_threads=3``):
+  * One CTA per (query row, split, 64-head block): grid ``(b * s_q, S, ceil(h_q / 64))``,
+    heads padded to 64 (wgmma's M).  Three warpgroups (``num_threads=3``):
       - warpgroup 2, the producer: gathers the selected tokens' FP8 bytes with TMA into raw
         shared-memory stages, then dequantises each tile on chip (registers) into a bf16
         K tile in swizzled shared memory, zeroing invalid tokens, and signals "ready";
@@ -35,6 +35,25 @@ Design (after FlashMLA's ``sm90/decode/sparse_fp8`` kernel, not a port of our Tr
     accumulates in place (``pl.run_state`` with ``ACC.init``); interpret mode does not
     simulate that, so there P V goes into a fresh accumulator that is then added
     (``interpreted``; the CUDA-lowering test covers the GPU branch).
+  * Split-KV (FlashMLA's ``splitkv`` + combine): a row's chunk list (main tiles, then
+    extra tiles: ``ceil(topk_length / 64) + ceil(extra_topk_length / 64)``, computed in
+    the kernel from the row's own lengths) is dealt out in S equal runs of whole 64-token
+    tiles; split s walks only its run, through the same pipeline.  With S > 1 each CTA
+    writes an fp32 partial normalised over its run (no sink), straight from the wgmma
+    registers to global memory (an fp32 staging tile would need 64 KB of shared memory
+    per consumer, which is not left), and its lse through shared memory and TMA (+inf for
+    a run with no valid key, so an empty or past-the-end split weighs exactly 0);
+    ``combine.combine_splits`` merges them and applies the sink once, as the Triton path
+    does.  With S = 1 the kernel finalises itself (sink, empty-row rule, bf16 out by TMA).
+    Shared memory is unchanged (the partial never touches it).  S: ``tuning.num_splits``,
+    else ``choose_splits``, the Triton path's cost model (``tuning.choose_num_splits``):
+    whole waves of 132 SMs, each CTA's tile time counted as the bytes it gathers
+    (752 / 696 B per token), against 2 x 64 x 513 x 4 bytes of partials written and
+    re-read per split and CTA plus the combine's launch.  At FlashMLA-like shapes (h 128,
+    s_q 2, top-k 2048 + extra 512): b 1-8 (4-32 CTAs) split, b 128 (512 CTAs) does not.
+    The model is conservative: a tile costs ~2.7-4 us of wgmma and dequant (below), more
+    than its ~1.5 us of bytes, so real small-batch runs may want more splits (tune
+    ``num_splits`` on the GPU).  In interpret mode it counts 2 SMs (CPU time per CTA).
   * h_q = 128 runs as two CTAs of 64 heads that are neighbours in the grid (the head-block
     axis is the fastest), so the second one's gathers of the same tokens hit L2; a single
     CTA holding 128 heads of a 576-dim query (147 KB) plus its K stage does not fit in
@@ -93,11 +112,11 @@ the producer's 128 threads instead of one thread issuing 320 TMA copies per tile
 warpgroup 1 overlapping the next QK^T of warpgroup 0 (it does once the producer runs
 ahead); conflict-free code loads (16-byte lane loads are conflict-free, but their 32-byte
 bf16 vectors cross the swizzle chunks of the K tile: Mosaic GPU refuses that store).  At
-small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs and there is no split-KV
-here yet, so expect far less there.
+small batch the grid (b x s_q x h_q/64 CTAs) under-fills 132 SMs; split-KV refills them
+at the cost of the partials and the combine (unmeasured).
 
-CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested, ~1 s per
-geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
+CUDA lowering (``jax.export(..., platforms=["cuda"])``, no GPU needed; tested with and
+without splits, ~1 s per geometry): the kernel uses Mosaic GPU's Lane lowering semantics, where every register
 array has the layout we give it (the consumers' tiles in ``plgpu.Layout.WGMMA``, the
 producer's in ``_raw_layout``, per-head and per-token vectors in their reductions) instead
 of the Warpgroup semantics' layout search, which finds no assignment for the
@@ -114,7 +133,7 @@ buffer).  What this does not check: ptxas (registers, spills) and the run itself
 
 Tested on CPU in GPU interpret mode (``plgpu.InterpretGPUParams``), which simulates shared
 memory, TMA, mbarriers, wgmma and warpgroup races.  Letter key: R query rows (b * s_q), N
-heads, H head dim, X top-k, K the tile's tokens.
+heads, H head dim, X top-k, K the tile's tokens, S splits, V value dim.
 """
 from __future__ import annotations
 
@@ -127,8 +146,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 
-from pallas_kernels import cache_view
+from pallas_kernels import cache_view, combine
 from pallas_kernels.fp8_cache import D_ROPE, KCache, require
+from pallas_kernels.tuning import KernelTuning, choose_num_splits
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
 BLOCK_K = 64            # tokens per tile (wgmma K of P V must be a multiple of 64)
@@ -177,8 +197,11 @@ def smem_bytes(fmt: str, d_v: int) -> int:
 
 def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope_ref, rope_ref,
                              sc_ref, *rest, fmt, d_v, has_extra, s_q, n_main_rows,
-                             n_extra_rows, interpreted, brk=None):
-  """Kernel body: one CTA = one query row x one 64-head block (see the module notes)."""
+                             n_extra_rows, num_splits, interpreted, brk=None):
+  """Kernel body: one CTA = one query row x one split x one 64-head block (see the module
+  notes).  Outputs: num_splits 1: out ``[R, N, V]`` bf16 (sink applied) and lse ``[R, N]``;
+  num_splits > 1: fp32 partials ``[S, R, N, V]``, each normalised over its own run of
+  tiles without the sink, and their lse ``[S, R, N]`` (+inf for an empty run)."""
   if has_extra:
     elens_ref, eidx_ref, enope_ref, erope_ref, esc_ref, o_ref, lse_ref = rest
   else:
@@ -186,6 +209,8 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   d, d_nope, width, n_sc, nope_copies = geometry(fmt)
   r = lax.axis_index("row")
   hb = lax.axis_index("hb")
+  split = lax.axis_index("split")
+  final = num_splits == 1              # the sink and bf16 out here, else in the combine
   b = r // s_q
   length = lens_ref[b]
   n_main = (length + BLOCK_K - 1) // BLOCK_K
@@ -193,6 +218,11 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
   if has_extra:
     elength = elens_ref[b]
     n_total = n_main + (elength + BLOCK_K - 1) // BLOCK_K
+  # Split-KV: this CTA's tiles [c_first, c_end), an equal run of the row's chunk list (main
+  # tiles then extra tiles; computed from the row's own lengths, so a split may be empty).
+  per = (n_total + num_splits - 1) // num_splits
+  c_first = jnp.minimum(split * per, n_total)
+  c_end = jnp.minimum(c_first + per, n_total)
   copies_per_token = len(nope_copies) + 2
 
   def scoped(q_smem, p_smem, kbf, nope_raw, rope_raw, sc_raw, idx_smem, bias_smem, vec_smem,
@@ -289,28 +319,28 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
 
     @pl.when(wg == 2)
     def _producer():
-      @pl.when(n_total > 0)
+      @pl.when(c_end > c_first)
       def _():
-        issue(0)
+        issue(c_first)
 
-      @pl.loop(0, n_total)
+      @pl.loop(c_first, c_end)
       def _tile(c):
         if RAW_STAGES > 1:             # gathers of tile c+1 in flight during dequant(c)
-          pl.when(c + 1 < n_total)(lambda: issue(c + 1))
+          pl.when(c + 1 < c_end)(lambda: issue(c + 1))
         plgpu.barrier_wait(raw_bar.at[_stage(c, RAW_STAGES)])
 
-        @pl.when(c >= K_STAGES)
+        @pl.when(c - c_first >= K_STAGES)
         def _():
           plgpu.barrier_wait(consumed.at[_stage(c, K_STAGES)])
         dequant(c)
         plgpu.commit_smem()            # generic-proxy stores -> visible to wgmma
         plgpu.barrier_arrive(ready.at[_stage(c, K_STAGES)])
         if RAW_STAGES == 1:            # gathers of tile c+1 in flight during the consumer's c
-          pl.when(c + 1 < n_total)(lambda: issue(c + 1))
+          pl.when(c + 1 < c_end)(lambda: issue(c + 1))
 
       # Observe the last "consumed" phases, so the barriers end balanced (and the CTA does
       # not retire while the consumer still reads a stage).
-      @pl.loop(jnp.maximum(n_total - K_STAGES, 0), n_total)
+      @pl.loop(jnp.maximum(c_end - K_STAGES, c_first), c_end)
       def _drain(c):
         plgpu.barrier_wait(consumed.at[_stage(c, K_STAGES)])
 
@@ -326,8 +356,9 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       cols = pl.ds(w * V_CHUNK, V_CHUNK)
       if w == 0:
         plgpu.copy_gmem_to_smem(q_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)], q_smem, q_bar)
-        plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0],
-                                q_bar)
+        if final:                      # with splits the combine applies the sink, once
+          plgpu.copy_gmem_to_smem(sink_ref.at[pl.ds(hb * BLOCK_H, BLOCK_H)], vec_smem.at[0],
+                                  q_bar)
         plgpu.barrier_wait(q_bar)
         scale = scale_ref[0]
 
@@ -375,15 +406,18 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
               plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), row_layout))
-      acc, m_N, l_N = lax.fori_loop(0, n_total, step, init)
+      acc, m_N, l_N = lax.fori_loop(c_first, c_end, step, init)
 
       if w == 0:
         live = l_N > 0
         l_safe = jnp.where(live, l_N, 1.0)
         lse = jnp.where(live, m_N + jnp.log(l_safe), 0.0)
-        sink = plgpu.load(vec_smem.at[0], layout=row_layout)
-        factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
-        vec_smem[1] = jnp.where(live, lse, jnp.inf)
+        if final:
+          sink = plgpu.load(vec_smem.at[0], layout=row_layout)
+          factor = jnp.where(live, 1.0 / (l_safe * (1.0 + jnp.exp(sink - lse))), 0.0)
+        else:                          # a partial: normalised over its run, no sink
+          factor = jnp.where(live, 1.0 / l_safe, 0.0)
+        vec_smem[1] = jnp.where(live, lse, jnp.inf)      # +inf: empty (row or run)
         vec_smem[2] = factor
         plgpu.commit_smem()
         # Q is dead from here on (its last QK^T is done): warpgroup 1 may write its half
@@ -393,6 +427,15 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         plgpu.barrier_wait(fin_bar)
         factor = plgpu.load(vec_smem.at[2], layout=row_layout)
       out = acc * lax.broadcast_in_dim(factor, acc.shape, [0])
+      heads = pl.ds(hb * BLOCK_H, BLOCK_H)
+      if not final:
+        # fp32 partials straight from registers (a 64 x 256 fp32 staging tile would need
+        # 64 KB of shared memory per consumer, more than is left); the combine reads them once.
+        o_ref[split, r, heads, cols] = out
+        if w == 0:
+          plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[split, r, heads])
+          plgpu.wait_smem_to_gmem(0)
+        return
       q_smem[:, cols] = out.astype(jnp.bfloat16)
       plgpu.commit_smem()
       # TMA needs a contiguous shared-memory source: 256 columns of the (8, 64)-tiled buffer
@@ -400,9 +443,9 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       for g in range(BLOCK_H // 8):
         rows_g = pl.ds(g * 8, 8)
         plgpu.copy_smem_to_gmem(q_smem.at[rows_g, cols],
-                                o_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)].at[rows_g, cols])
+                                o_ref.at[r, heads].at[rows_g, cols])
       if w == 0:
-        plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, pl.ds(hb * BLOCK_H, BLOCK_H)])
+        plgpu.copy_smem_to_gmem(vec_smem.at[1], lse_ref.at[r, heads])
       plgpu.wait_smem_to_gmem(0)
 
     for w in range(2):                 # static w: static shared-memory slices
@@ -428,7 +471,7 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
       plgpu.Barrier(num_arrivals=BLOCK_K * copies_per_token, num_barriers=RAW_STAGES),
       plgpu.Barrier(num_arrivals=1, num_barriers=K_STAGES),
       plgpu.Barrier(num_arrivals=2, num_barriers=K_STAGES),   # both consumers
-      plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_arrivals=2 if final else 1),   # Q (+ the sink without splits)
       plgpu.Barrier(num_arrivals=1),
       plgpu.Barrier(num_arrivals=1),
       plgpu.Barrier(num_arrivals=1),
@@ -490,20 +533,55 @@ def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:
   return plgpu.InterpretGPUParams() if interpret else None
 
 
-def sparse_decode(args: dict, head_dim_v: int, interpret=None):
-  """``sparse_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first)."""
+def sparse_decode(args: dict, head_dim_v: int, interpret=None, tuning=None):
+  """``sparse_decode(..., impl="mosaic")`` on the validated ``args`` (ValueError first);
+  of ``tuning`` (a validated ``KernelTuning`` or None) only ``num_splits`` / ``num_sms``
+  apply."""
   for cache in (args["cache"], args["extra_cache"]):
     if cache is not None:
       check_supported(cache, args["q"].shape[-1], head_dim_v)
-  return run(**args, head_dim_v=head_dim_v, interpret=interpret_params(interpret))
+  params = interpret_params(interpret)
+  splits = choose_splits(args["q"], args["cache"].fmt, args["indices"], args["extra_indices"],
+                         tuning, interpret=params is not None)
+  return run(**args, head_dim_v=head_dim_v, num_splits=splits, interpret=params)
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "interpret", "_break"))
+def gathered_bytes_per_token(fmt: str) -> int:
+  """DRAM bytes one gathered token costs (the module notes): its FP8 row plus the
+  32-byte sectors its 128-byte scale window over-fetches."""
+  return 752 if fmt == "v32" else 696
+
+
+def choose_splits(q, fmt: str, indices, extra_indices, tuning: KernelTuning | None, *,
+                  interpret: bool = False) -> int:
+  """Split-KV factor: ``tuning.num_splits`` if set, else the Triton path's cost model
+  (``tuning.choose_num_splits``: fill the SMs in whole waves, against writing and
+  re-reading 64 x 513 fp32 partials per split and CTA), with this kernel's CTA count
+  (b x s_q x head blocks), the bytes a CTA gathers for its whole (padded) top-k list, main
+  plus extra, and 64-token tiles.  ``interpret``: count 2 SMs, as the Triton path does
+  (every CTA costs CPU time in interpret mode)."""
+  tuning = tuning or KernelTuning()
+  if tuning.num_splits is not None:
+    return tuning.num_splits
+  b, s_q, h_q, _ = q.shape
+  tiles = -(-indices.shape[-1] // BLOCK_K)
+  if extra_indices is not None:
+    tiles += -(-extra_indices.shape[-1] // BLOCK_K)
+  return choose_num_splits(
+      tuning, programs=b * s_q * -(-h_q // BLOCK_H),
+      kv_bytes_per_program=tiles * BLOCK_K * gathered_bytes_per_token(fmt),
+      partial_bytes_per_split=BLOCK_H * (2 * V_CHUNK + 1) * 4, max_key_blocks=tiles,
+      interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "num_splits", "interpret", "_break"))
 def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=None,
-        extra_indices=None, extra_topk_length=None, *, head_dim_v, interpret=None,
-        _break=None):
+        extra_indices=None, extra_topk_length=None, *, head_dim_v, num_splits=1,
+        interpret=None, _break=None):
   """The Mosaic GPU kernel on validated arguments (``sparse_decode_mla_mosaic``).
 
+  ``num_splits`` > 1: split-KV, each CTA one equal run of its row's chunk list (main then
+  extra tiles), fp32 partials merged by ``combine.combine_splits``, which applies the sink.
   ``interpret``: None = real kernel; an ``InterpretGPUParams`` = GPU interpret mode (CPU).
   ``_break`` (tests only): "drop_key" drops each tile's second key, "no_barrier" removes the
   consumer's wait on the producer's "ready" barrier; the tests check that both fail.
@@ -523,15 +601,23 @@ def run(q, cache, indices, topk_length, attn_sink, softmax_scale, extra_cache=No
   kernel = functools.partial(
       sparse_decode_mla_mosaic, fmt=cache.fmt, d_v=head_dim_v, brk=_break,
       interpreted=interpret is not None,
-      has_extra=has_extra, s_q=s_q,
+      has_extra=has_extra, s_q=s_q, num_splits=num_splits,
       n_main_rows=cache.num_tokens, n_extra_rows=extra_cache.num_tokens if has_extra else 0)
+  lead = (num_splits,) if num_splits > 1 else ()
   out, lse = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((rows, hp, head_dim_v), jnp.bfloat16),
-                jax.ShapeDtypeStruct((rows, hp), jnp.float32)),
-      grid=(rows, n_hb), grid_names=("row", "hb"), num_threads=3, thread_name="wg",
+      out_type=(jax.ShapeDtypeStruct((*lead, rows, hp, head_dim_v),
+                                     jnp.float32 if lead else jnp.bfloat16),
+                jax.ShapeDtypeStruct((*lead, rows, hp), jnp.float32)),
+      # The head-block axis fastest: the CTAs gathering the same tokens run side by side (L2).
+      grid=(rows, num_splits, n_hb), grid_names=("row", "split", "hb"), num_threads=3,
+      thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interpret)(*operands)
+  if lead:
+    out, lse = combine.combine_splits(out[:, :, :h_q], lse[:, :, :h_q],
+                                      attn_sink_N=attn_sink.astype(jnp.float32),
+                                      out_dtype=jnp.bfloat16)
   out = out[:, :h_q].reshape(b, s_q, h_q, head_dim_v)
   lse = lse[:, :h_q].reshape(b, s_q, h_q)
   return out, jnp.transpose(lse, (0, 2, 1))

@@ -333,7 +333,8 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
       GPU kernel, FP8 caches and head_dim_v 512; GPU interpret mode on CPU) or "auto"
       (``dispatch.resolve_impl``: "mosaic" on Hopper when it covers the case, else
       "pallas" on a GPU, "xla" elsewhere).
-    tuning: ``KernelTuning`` for impl="pallas" (default: its defaults).
+    tuning: ``KernelTuning`` for impl="pallas" (default: its defaults); impl="mosaic"
+      uses its ``num_splits`` / ``num_sms`` (split-KV).
     interpret: run the kernel in Pallas interpret mode; default: when the backend is CPU.
   Returns:
     out bf16 ``[b, s_q, h_q, head_dim_v]``, lse fp32 ``[b, h_q, s_q]`` (natural log, sink
@@ -353,7 +354,7 @@ def sparse_decode(q, k_cache, indices, *, head_dim_v, softmax_scale=None, attn_s
         impl = "pallas"
   if impl == "mosaic":                 # Hopper Pallas Mosaic GPU kernel: mosaic_sparse_decode.py
     from pallas_kernels import mosaic_sparse_decode
-    return mosaic_sparse_decode.sparse_decode(args, head_dim_v, interpret)
+    return mosaic_sparse_decode.sparse_decode(args, head_dim_v, interpret, check_tuning(tuning))
   if impl == "pallas":
     _tiles.key_layout(cache_view.info(args["cache"]).fmt, q.shape[-1], head_dim_v)  # ValueError if untileable
     return _pallas_core(**args, head_dim_v=head_dim_v, tuning=check_tuning(tuning),

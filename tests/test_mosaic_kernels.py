@@ -6,8 +6,10 @@ Interpret mode costs roughly (CTAs x tiles x per-token TMA copies), so the cases
 small but keep the real 576/512 geometries, pages of 61 tokens, top-k and lengths that are
 not multiples of the 64-token tile, heads padded to the 64-head wgmma block (4 and 16 heads)
 and one two-block case (128 heads), NaN bytes in every slot the kernel may touch but must
-not use, -1 indices, an empty query row, sink values -inf/finite/+inf, and the extra cache.
-Beside them: the real kernel lowers for CUDA without a GPU (both geometries), and
+not use, -1 indices, an empty query row, sink values -inf/finite/+inf, the extra cache, and
+split-KV (4 splits of 3 tiles, one empty; race detector on).  Beside them: the real kernel
+lowers for CUDA without a GPU (both geometries, and with splits), the split scheduler's
+choice at FlashMLA-like shapes, and
 ``impl="auto"`` routes to it on a (faked) Hopper device.
 """
 import dataclasses
@@ -176,6 +178,36 @@ def test_sparse_decode_lowers_for_cuda(fmt):
   assert txt.count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
 
 
+def test_sparse_decode_split_kv_lowers_for_cuda():
+  """Split-KV (fp32 partials stored from registers, lse by TMA, no sink in the kernel)
+  lowers for CUDA too; the combine runs after the one kernel."""
+  d = D["model1"]
+  cache, extra = pk.KCache.empty(3, PAGE, "model1", d), pk.KCache.empty(4, 5, "model1", d)
+  q = jnp.zeros((1, 2, 128, d), jnp.bfloat16)
+  idx, lens = jnp.zeros((1, 2, 100), jnp.int32), jnp.zeros((1,), jnp.int32)
+  f = lambda q, c, i, l, e, ei, el, s: pk.sparse_decode(
+      q, c, i, head_dim_v=DV, attn_sink=s, topk_length=l, extra_k_cache=e,
+      extra_indices_in_kvcache=ei, extra_topk_length=el, impl="mosaic", interpret=False,
+      tuning=pk.KernelTuning(num_splits=3))
+  exp = jax.export.export(jax.jit(f), platforms=["cuda"])(
+      q, cache, idx, lens, extra, idx[..., :20], lens, jnp.zeros((128,), jnp.float32))
+  assert exp.mlir_module().count("custom_call @mosaic_gpu") == 1, "expected one Mosaic GPU kernel"
+
+
+@pytest.mark.parametrize("b,expect_split", [(1, True), (2, True), (8, True), (128, False)])
+def test_sparse_decode_split_scheduler(b, expect_split):
+  """The scheduler (no kernel runs) at FlashMLA-like shapes on 132 SMs: h 128, s_q 2,
+  top-k 2048 + extra 512.  Small batch (4-32 CTAs) splits, since filling the SMs beats
+  the fp32 partials' bytes; b 128 (512 CTAs, ~4 waves) does not."""
+  q = jax.ShapeDtypeStruct((b, 2, 128, 576), jnp.bfloat16)
+  idx = jax.ShapeDtypeStruct((b, 2, 2048), jnp.int32)
+  extra = jax.ShapeDtypeStruct((b, 2, 512), jnp.int32)
+  s = msd.choose_splits(q, "v32", idx, extra, None)
+  assert (s > 1) == expect_split, s
+  assert 1 <= s <= (2048 + 512) // 64
+  assert msd.choose_splits(q, "v32", idx, extra, pk.KernelTuning(num_splits=5)) == 5
+
+
 def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
   """impl="auto" on a (faked) compute-capability-9.0 GPU runs the Mosaic kernel for the FP8
   caches and the Triton kernel where Mosaic does not cover the case (a bf16 cache); the
@@ -192,3 +224,21 @@ def test_sparse_decode_auto_picks_mosaic_on_hopper(monkeypatch):
   for c in (cache, bf16):
     pk.sparse_decode(q, c, idx, head_dim_v=DV, impl="auto", interpret=True)
   assert ran == ["mosaic", "pallas"]
+
+
+def test_sparse_decode_split_kv_matches_reference():
+  """Split-KV in 4 with the race detector: s_q 2 (one row with every index -1), main top-k
+  100 with lengths 70 (two tiles, the second partial) + extra top-k 20 with lengths 13
+  (one tile) = 3 tiles per row, so split 3 is empty (lse +inf, weight 0 in the combine);
+  sink -inf/finite/+inf applied once, by the combine, to the merged fp32 partials."""
+  q, cache, idx, kw = _case("model1", 1, 2, 4, 100, lengths=[70], extra=(4, 5, 20, [13]),
+                            sink=True, seed=4)
+  args = validate_sparse_decode_args(q, cache, idx, head_dim_v=DV, **kw)
+  try:
+    out, lse = msd.run(**args, head_dim_v=DV, num_splits=4, interpret=RACES)
+  finally:
+    raced = mgpu_interpret.get_races().races_found
+    mgpu_interpret.reset_gpu_interpret_mode_state()
+  assert not raced
+  ref_out, ref_lse = pk.sparse_decode_reference(q, cache, idx, head_dim_v=DV, **kw)
+  _check(out, lse, ref_out, ref_lse)
