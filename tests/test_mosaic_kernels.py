@@ -113,10 +113,11 @@ def test_sparse_decode_model1_extra_sink_lengths_no_races():
   _check(out, lse, ref_out, ref_lse)
 
 
-@pytest.mark.parametrize("h", [16, 128])
+@pytest.mark.parametrize("h", [2, 16, 128])
 def test_sparse_decode_v32(h):
   """v32 (576-dim keys, fp32 scales): batch 2 / top-k 150 (three 64-token tiles through the
-  one-stage pipeline) / 16 heads, and 128 heads = two 64-head CTAs with an empty row (s_q 2)."""
+  one-stage pipeline) / 16 heads; 2 heads (padded to 64) and 128 heads = two 64-head CTAs,
+  each with an empty row (s_q 2, one tile)."""
   b, s_q, topk = (2, 1, 150) if h == 16 else (1, 2, 33)     # 150: three tiles, the last partial
   q, cache, idx, kw = _case("v32", b, s_q, h, topk, seed=1)
   out, lse = _run(q, cache, idx, kw, plgpu.InterpretGPUParams())
