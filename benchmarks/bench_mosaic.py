@@ -42,7 +42,11 @@ import argparse
 import os
 import sys
 
-import jax
+# The CPU smoke run is GPU interpret mode, which blocks one XLA computation per warpgroup
+# thread in barrier waits: several host devices keep a 2-core machine's thread pool from
+# deadlocking (the flag only concerns the CPU platform).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention as ba  # noqa: E402  (sibling script; puts the repo root on the path)
