@@ -6,7 +6,7 @@ Interpret mode costs roughly (CTAs x tiles x per-token TMA copies), so the cases
 small but keep the real geometries: (d_qk, d_v) = (512, 512) (MODEL1), (576, 512) (V3.2)
 and (512, 448).  Between them: top-k not a multiple of the 64-token tile (40, 150: one
 partial tile, and three tiles through the pipeline), -1 / negative / >= s_kv entries,
-topk_length (a partial one and 0 = an empty row), 2 and 16 heads (padded to the 64-head
+topk_length (a partial one and 0 = an empty row), 2, 4 and 16 heads (padded to the 64-head
 wgmma block) and 128 heads (two 64-head CTAs), NaN in every key row the kernel may touch
 but must not use (row 0, where invalid entries are clamped, unreferenced rows, rows past
 topk_length), and sink values -inf / finite / +inf.  Beside them: a kernel that drops a key
@@ -94,6 +94,7 @@ def test_sparse_prefill_model1_lengths_no_races(model1_case):
 @pytest.mark.parametrize("d, d_v, h, s_q, topk, sink", [
     (576, 512, 16, 2, 150, True),   # V3.2: three tiles (the last partial) through the pipeline
     (512, 448, 128, 1, 40, False),  # two 64-head CTAs per row; a 192-column consumer
+    (512, 512, 4, 1, 40, False),    # 4 heads padded to the 64-head block, one partial tile
 ])
 def test_sparse_prefill_matches_reference(d, d_v, h, s_q, topk, sink):
   """Through the public entry point (impl="mosaic" routes here, interpret on CPU)."""
