@@ -137,7 +137,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import cache_view, combine
 from pallas_kernels.fp8_cache import D_ROPE, KCache, bytes_per_token, require
 from pallas_kernels.tuning import KernelTuning, choose_num_splits
-from pallas_kernels.mosaic_sparse_decode import _raw_layout, interpret_params
+from pallas_kernels.mosaic_sparse_decode import _raw_layout, _stage, attend_tile, interpret_params
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
 BLOCK_K = 64            # tokens per tile (wgmma K of P V must be a multiple of 64)
@@ -194,10 +194,6 @@ def _tile_scales(fmt: str, block_size: int) -> bool:
   the [N * 7 / 32, 32] byte view is, and a tile's 448 bytes are 14 of its rows when the
   tile starts on a multiple of 32 tokens: pages of a multiple of 32 tokens."""
   return fmt == "v32" or (fmt == "model1" and block_size % 32 == 0)
-
-
-def _stage(c, n: int):
-  return 0 if n == 1 else c % n
 
 
 def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d, s_q, causal,
@@ -411,45 +407,10 @@ def dense_decode_mla_mosaic(lens_ref, table_ref, scale_ref, q_ref, *rest, fmt, d
         scale = scale_ref[0]
 
       def step(c, carry):
-        acc, m_N, l_N = carry
-        ks, par = _stage(c, nks), c % 2
-        if brk != "no_barrier":
-          plgpu.barrier_wait(ready.at[ks])
-        if w == 0:
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
-            return acc_ref[...]
-          s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
-          bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
-          s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
-          m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
-          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # nothing seen yet: no inf - inf
-          alpha = jnp.exp(m_N - m_safe)
-          p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
-          l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
-          m_N = m_new
-          p_smem[par] = p_NK.astype(jnp.bfloat16)
-          alpha_smem[par] = alpha
-          plgpu.commit_smem()            # visible to wgmma and to warpgroup 1
-          plgpu.barrier_arrive(p_bar)
-        else:
-          plgpu.barrier_wait(p_bar)
-          alpha = plgpu.load(alpha_smem.at[par], layout=row_layout)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem.at[par], kbf.at[ks, :, cols])
-        if interpreted:
-          # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
-          # ``ACC.init``): a fresh accumulator, then added.
-          def fresh(acc_ref):
-            pv(acc_ref)
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
-        else:                          # in place: no second 128-register accumulator
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(consumed.at[ks])
-        return acc, m_N, l_N
+        return attend_tile(c, carry, w, n_stages=nks, q_smem=q_smem, kbf=kbf,
+                           bias_smem=bias_smem, p_smem=p_smem, alpha_smem=alpha_smem,
+                           p_bar=p_bar, ready=ready, consumed=consumed,
+                           scale=scale if w == 0 else None, interpreted=interpreted, brk=brk)
 
       init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),

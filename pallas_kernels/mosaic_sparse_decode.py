@@ -185,6 +185,57 @@ def _stage(c, n: int):
   return 0 if n == 1 else c % n
 
 
+def attend_tile(c, carry, w, *, n_stages, q_smem, kbf, bias_smem, p_smem, alpha_smem, p_bar,
+                ready, consumed, scale, interpreted, brk=None):
+  """One key tile of a consumer warpgroup (the decode kernels' loop body): wait for the
+  producer's tile; warpgroup 0 runs S = Q K^T (one wgmma), adds the tile's bias (0 or -inf
+  per token), updates the online softmax in fp32 and hands P (bf16) and the rows' rescale
+  factors to warpgroup 1 through shared memory (slot c % 2); both rescale their
+  accumulator and add P V for their ``V_CHUNK`` value columns; then release the tile.
+  ``carry`` = (acc [BLOCK_H, V_CHUNK] fp32, running max, running sum)."""
+  acc, m_N, l_N = carry
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  cols = pl.ds(w * V_CHUNK, V_CHUNK)
+  ks, par = _stage(c, n_stages), c % 2
+  if brk != "no_barrier":
+    plgpu.barrier_wait(ready.at[ks])
+  if w == 0:
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
+      return acc_ref[...]
+    s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
+    bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
+    s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
+    m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # nothing seen yet: no inf - inf
+    alpha = jnp.exp(m_N - m_safe)
+    p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
+    l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
+    m_N = m_new
+    p_smem[par] = p_NK.astype(jnp.bfloat16)
+    alpha_smem[par] = alpha
+    plgpu.commit_smem()            # visible to wgmma and to warpgroup 1
+    plgpu.barrier_arrive(p_bar)
+  else:
+    plgpu.barrier_wait(p_bar)
+    alpha = plgpu.load(alpha_smem.at[par], layout=row_layout)
+  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+  def pv(acc_ref):
+    plgpu.wgmma(acc_ref, p_smem.at[par], kbf.at[ks, :, cols])
+  if interpreted:
+    # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
+    # ``ACC.init``): a fresh accumulator, then added.
+    def fresh(acc_ref):
+      pv(acc_ref)
+      return acc_ref[...]
+    acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
+  else:                          # in place: no second 128-register accumulator
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+  plgpu.barrier_arrive(consumed.at[ks])
+  return acc, m_N, l_N
+
+
 def smem_bytes(fmt: str, d_v: int) -> int:
   d, *_ = geometry(fmt)
   q = BLOCK_H * d * 2
@@ -363,45 +414,10 @@ def sparse_decode_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, nope
         scale = scale_ref[0]
 
       def step(c, carry):
-        acc, m_N, l_N = carry
-        ks, par = _stage(c, K_STAGES), c % 2
-        if brk != "no_barrier":
-          plgpu.barrier_wait(ready.at[ks])
-        if w == 0:
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, kbf.at[ks].T)
-            return acc_ref[...]
-          s_NK = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
-          bias_K = plgpu.load(bias_smem.at[ks], layout=plgpu.Layout.WGMMA.reduce(0))
-          s_NK = s_NK * scale + lax.broadcast_in_dim(bias_K, s_NK.shape, [1])
-          m_new = jnp.maximum(m_N, jnp.max(s_NK, axis=1))
-          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)    # nothing seen yet: no inf - inf
-          alpha = jnp.exp(m_N - m_safe)
-          p_NK = jnp.exp(s_NK - lax.broadcast_in_dim(m_safe, s_NK.shape, [0]))
-          l_N = l_N * alpha + jnp.sum(p_NK, axis=1)
-          m_N = m_new
-          p_smem[par] = p_NK.astype(jnp.bfloat16)
-          alpha_smem[par] = alpha
-          plgpu.commit_smem()            # visible to wgmma and to warpgroup 1
-          plgpu.barrier_arrive(p_bar)
-        else:
-          plgpu.barrier_wait(p_bar)
-          alpha = plgpu.load(alpha_smem.at[par], layout=row_layout)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem.at[par], kbf.at[ks, :, cols])
-        if interpreted:
-          # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
-          # ``ACC.init``): a fresh accumulator, then added.
-          def fresh(acc_ref):
-            pv(acc_ref)
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
-        else:                          # in place: no second 128-register accumulator
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(consumed.at[ks])
-        return acc, m_N, l_N
+        return attend_tile(c, carry, w, n_stages=K_STAGES, q_smem=q_smem, kbf=kbf,
+                           bias_smem=bias_smem, p_smem=p_smem, alpha_smem=alpha_smem,
+                           p_bar=p_bar, ready=ready, consumed=consumed,
+                           scale=scale if w == 0 else None, interpreted=interpreted, brk=brk)
 
       init = (plgpu.layout_cast(jnp.zeros((BLOCK_H, V_CHUNK), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), row_layout),
