@@ -7,10 +7,12 @@ incompatible config fails clearly (fields that only change how the forward runs,
 carrying the *current* mesh's shardings, so a checkpoint written on one mesh shape
 restores on another.
 
-Parameters are stored per layer (``model/layers/7/attn/wq_a/...``) whether the model runs
-its layers under ``lax.scan`` or unrolled (``model1.scan`` stacks them only while
-tracing), so a checkpoint saved by either mode restores into the other, and checkpoints
-written before ``scan_layers`` existed restore unchanged.
+Parameters are stored in the model's own layout: per layer (``model/layers/7/attn/wq_a``)
+for unrolled layers, stacked per scanned slot (``model/scanned/1/attn/wq_a``, leading axis
+= the slot's layers) for scanned ones, and the metadata records the slots' layer ids.
+Restoring into another layout (``scan_layers`` on/off, another depth pattern, or a
+per-layer checkpoint written before layers were stored stacked) converts through the
+per-layer form (``model1.scan.to_per_layer`` / ``to_stacked``), optimizer moments too.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from model1 import sharding
+from model1 import scan, sharding
 
 
 class Checkpointer:
@@ -47,9 +49,11 @@ class Checkpointer:
     state = {"model": nnx.state(model).to_pure_dict(),
              "opt": nnx.state(optimizer).to_pure_dict(),
              "rng": jax.random.key_data(rng)}
+    slots = [list(ids) for ids in getattr(model, "slot_ids", ())]
     self.mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": step, "model": model_cfg})), force=force)
+        meta=ocp.args.JsonSave({"step": step, "model": model_cfg, "slots": slots})),
+        force=force)
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()
@@ -74,9 +78,20 @@ class Checkpointer:
     target = {"model": abstract(nnx.state(model).to_pure_dict()),
               "opt": abstract(nnx.state(optimizer).to_pure_dict()),
               "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+    # checkpoints from before stacked storage hold every layer per layer: no slots
+    saved_slots = tuple(tuple(ids) for ids in meta["meta"].get("slots", ()))
+    slots = tuple(getattr(model, "slot_ids", ()))
+    disk = target
+    if saved_slots != slots:
+      disk = scan.to_stacked(scan.to_per_layer(target, slots, _sds_take), saved_slots,
+                             _sds_stack)
     with sharding.use_mesh(mesh):
       got = self.mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
+          state=ocp.args.StandardRestore(disk)))["state"]
+    if saved_slots != slots:
+      got = scan.to_stacked(scan.to_per_layer(got, saved_slots), slots)
+      got = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if t.sharding else x,
+                         got, target)
     for obj, key in ((model, "model"), (optimizer, "opt")):
       st = nnx.state(obj)
       nnx.replace_by_pure_dict(st, got[key])
@@ -86,6 +101,24 @@ class Checkpointer:
   def close(self):
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+
+def _sds_take(x: jax.ShapeDtypeStruct, r: int) -> jax.ShapeDtypeStruct:
+  """The abstract entry r of a stacked leaf (its sharding without the layer axis)."""
+  shd = x.sharding
+  if isinstance(shd, jax.sharding.NamedSharding):
+    spec = tuple(shd.spec) + (None,) * (len(x.shape) - len(shd.spec))
+    shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=shd)
+
+
+def _sds_stack(xs: list) -> jax.ShapeDtypeStruct:
+  """The abstract stack of per-layer leaves (a replicated leading layer axis)."""
+  x = xs[0]
+  shd = x.sharding
+  if isinstance(shd, jax.sharding.NamedSharding):
+    shd = jax.sharding.NamedSharding(shd.mesh, jax.sharding.PartitionSpec(None, *shd.spec))
+  return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype, sharding=shd)
 
 
 # Model fields that change how the forward runs, not what the parameters are: a

@@ -98,7 +98,8 @@ def _get_path(tree: dict, path: tuple):
 
 
 def _pure(model) -> dict:
-  return nnx.state(model).to_pure_dict()
+  """The model's state with DeepSeek's per-layer names (stacked slots unstacked)."""
+  return model.per_layer_state()
 
 
 def _str_keys(tree):
@@ -182,9 +183,7 @@ def import_checkpoint(src_dir: str | Path, workdir: str | Path, layers=None,
     state = load_params(reader, model, src)
   finally:
     reader.close()
-  st = nnx.state(model)
-  nnx.replace_by_pure_dict(st, jax.tree.map(jnp.asarray, state))
-  nnx.update(model, st)
+  model.load_per_layer_state(jax.tree.map(jnp.asarray, state))
   workdir.parent.mkdir(parents=True, exist_ok=True)
   with _staged(workdir) as tmp:
     ck = checkpoint.Checkpointer(tmp)
@@ -297,7 +296,7 @@ def _components(model, tok, layers, h0=None):
   else:
     h = h0.astype(model.dtype)
     rec.append((f"layers.{lo}.in", h))
-  for i, layer in enumerate(model.layers):
+  for i, layer in enumerate(model.blocks()):
     if h0 is not None and i < lo:
       continue
     show = lo <= i <= hi
@@ -330,10 +329,11 @@ def check(workdir: str | Path, tokens: list[int], layers=None,
   bad = [t for t in tokens if not 0 <= t < V]
   if not tokens or bad:
     raise ValueError(f"--tokens={tokens}; expected a non-empty list of ids in [0, {V})")
-  layers = layers or (0, len(model.layers) - 1)
-  if layers[1] >= len(model.layers):
+  n = model.cfg.n_layers
+  layers = layers or (0, n - 1)
+  if layers[1] >= n:
     raise ValueError(f"--layers={layers[0]}-{layers[1]}; expected layers of this run "
-                     f"(0-{len(model.layers) - 1}: model1 numbering, the slice starts at 0)")
+                     f"(0-{n - 1}: model1 numbering, the slice starts at 0)")
   h0 = None
   if inputs is not None:
     C, D = model.cfg.mhc.hc_mult, model.cfg.d_model

@@ -57,7 +57,7 @@ def capture(model, tokens_BT, positions_BT=None, segment_ids_BT=None, engram_has
   seg = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
   h = expand(model.embed(tokens_BT, model.dtype), model.cfg.mhc.hc_mult)
   hs, xs = [], []
-  for layer in model.layers:
+  for layer in model.blocks():
     hs.append(h)
     box = {}
 

@@ -15,7 +15,9 @@ without the head: the training loss applies the head in chunks of positions,
 returns every layer's cache vectors) and ``decode`` (new tokens against paged caches).
 All three run the block stack through ``model1.scan``: runs of identical layers are one
 ``lax.scan`` (``model.scan_layers``, default on; off = a plain Python loop), each block
-rematerialised by ``model.remat``. Parameters stay per layer (``layers.i.*``).
+rematerialised by ``model.remat``. A scanned run's layers are stored stacked
+(``scanned.s.*``, leading axis = the slot's layers); ``per_layer_state`` gives DeepSeek's
+per-layer names (``layers.i.*``) and checkpoints convert between the two.
 """
 from __future__ import annotations
 
@@ -38,7 +40,14 @@ class Transformer(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs, std=cfg.init_std)
-    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    blocks = [Block(cfg, i, rngs) for i in range(cfg.n_layers)]
+    # runs of identical layers are stored stacked, one module per scanned slot
+    # (model1.scan); ``layers[i]`` is None for a layer that lives in a slot
+    self.slot_ids = scan.slots(cfg)
+    self.scanned = nnx.List([scan.stack_blocks([blocks[i] for i in ids], ids)
+                             for ids in self.slot_ids])
+    stacked = {i for ids in self.slot_ids for i in ids}
+    self.layers = nnx.List([None if i in stacked else b for i, b in enumerate(blocks)])
     self.hc_head = HCHead(cfg.mhc, cfg.d_model, rngs=rngs)
     self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.head = Dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs)
@@ -71,11 +80,49 @@ class Transformer(nnx.Module):
 
   def _run_layers(self, h_BTCD, call, xs=None):
     """The block stack, scanned over repeating layer groups (``model1.scan``)."""
-    return scan.run_layers(self.layers, scan.layer_plan(self.cfg), h_BTCD, call, xs,
-                           remat=self.cfg.remat)
+    return scan.run_layers(self.layers, self.scanned, scan.layer_plan(self.cfg), h_BTCD,
+                           call, xs, remat=self.cfg.remat)
 
   def _engram_states(self, sts) -> dict:
-    return {str(l.layer_id): st for l, st in zip(self.layers, sts) if st is not None}
+    return {str(i): st for i, st in enumerate(sts) if st is not None}
+
+  def block(self, i: int) -> Block:
+    """Layer ``i`` as a Block: the module itself when unrolled, a per-layer copy of its
+    slice when it lives in a stacked slot (for eager per-layer tools; see
+    ``scan.layer_view``)."""
+    if self.layers[i] is not None:
+      return self.layers[i]
+    s, r = next((s, ids.index(i)) for s, ids in enumerate(self.slot_ids) if i in ids)
+    return scan.layer_view(self.scanned[s], r, i)
+
+  def set_block(self, i: int, block: Block) -> None:
+    """Write an edited ``block(i)`` back (a no-op for an unrolled layer, which ``block``
+    returns itself): ``b = m.block(1); b.attn.attn_sink[...] = s; m.set_block(1, b)``."""
+    if self.layers[i] is not None:
+      if block is not self.layers[i]:
+        nnx.update(self.layers[i], nnx.state(block))
+      return
+    s, r = next((s, ids.index(i)) for s, ids in enumerate(self.slot_ids) if i in ids)
+    st = nnx.state(self.scanned[s])
+    new = jax.tree.map(lambda a, b: a.at[r].set(b), st.to_pure_dict(),
+                       nnx.state(block).to_pure_dict())
+    nnx.replace_by_pure_dict(st, new)
+    nnx.update(self.scanned[s], st)
+
+  def blocks(self):
+    """Every layer as a Block, in order (``block``)."""
+    return [self.block(i) for i in range(self.cfg.n_layers)]
+
+  def per_layer_state(self) -> dict:
+    """The model's pure state with DeepSeek's per-layer names (``layers.7.attn.wq_a``)
+    whatever the storage layout."""
+    return scan.to_per_layer(nnx.state(self).to_pure_dict(), self.slot_ids)
+
+  def load_per_layer_state(self, tree: dict) -> None:
+    """Set the model's state from a per-layer pure state (``per_layer_state``'s form)."""
+    st = nnx.state(self)
+    nnx.replace_by_pure_dict(st, scan.to_stacked(tree, self.slot_ids))
+    nnx.update(self, st)
 
   def logits(self, x_BTD):
     # the LM head multiplies in float32 whatever the compute dtype (as DeepSeek's does)

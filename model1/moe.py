@@ -190,9 +190,10 @@ def router_scores(logits: jax.Array, score_func: str) -> jax.Array:
 
 def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
   """DeepSeek-V3 aux-loss-free step: bias_i += rate · sign(mean(load) − load_i).
-  Overloaded experts lose selection priority, underloaded ones gain it."""
+  Overloaded experts lose selection priority, underloaded ones gain it. Leading axes
+  (a scanned slot's stacked layers) are independent layers: the mean is per layer."""
   load = load.astype(jnp.float32)
-  return bias + rate * jnp.sign(jnp.mean(load) - load)
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 def make_tid2eid(vocab_size: int, n_experts: int, topk: int, seed: int) -> np.ndarray:

@@ -35,6 +35,9 @@ excluded by name or logical axis:
     together the fan-out (``wq_b`` [q_lora, heads, head_dim] is one matrix). At init the
     logical axes are cross-checked ("exp"/"o_groups" leading axes <=> batched name).
   Everything 1-D (norm weights, biases, mHC base/scale, sinks) is AdamW by shape.
+  * stacked layers — a path component in STACKED_NAMES (``scanned``: model1.scan's
+    slots) adds one leading axis that counts as neither fan-in nor 1-D-ness: each
+    layer's matrix is orthogonalised on its own, each layer's norm stays on AdamW.
 This follows the DeepSeek-V4 report (Muon for most matrices; AdamW for the embedding,
 prediction head, mHC static biases and gating factors, RMSNorm weights) plus the router
 on AdamW; mHC's dynamic projections ``fn`` are matrices and go to Muon.
@@ -62,8 +65,11 @@ DEFAULT_ADAMW_NAMES = ("embed", "embedding", "head", "gate", "norm", "norms", "s
 ADAMW_AXES = ("vocab", "engram_rows")
 # Leading axes with these logical names index independent matrices (MoE experts, V4's
 # grouped output projection); parameters holding them are named by BATCHED_NAMES.
-BATCH_AXES = ("exp", "o_groups")
+BATCH_AXES = ("exp", "o_groups", "layers")
 BATCHED_NAMES = ("experts", "wo_a")
+# A path component naming stacked layers (model1.scan's slots): one more leading axis,
+# each layer's matrix (and each layer's norm vector) its own.
+STACKED_NAMES = ("scanned",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,15 +160,20 @@ def _value(x):
   return x.get_value() if _is_var(x) else x
 
 
+def _n_stacked(path) -> int:
+  """1 for a leaf of a scanned slot (leading axis = its layers), else 0."""
+  return int(any(n in STACKED_NAMES for n in _names(path)))
+
+
 def _n_batch(path, ndim: int) -> int:
   """Leading batch axes of a Muon leaf: ndim − 2 for stacked matrices (a path component
-  in BATCHED_NAMES), else 0."""
-  return ndim - 2 if any(n in BATCHED_NAMES for n in _names(path)) else 0
+  in BATCHED_NAMES), else the layer axis of a scanned slot (0 or 1)."""
+  return ndim - 2 if any(n in BATCHED_NAMES for n in _names(path)) else _n_stacked(path)
 
 
 def _leaf_is_muon(path, leaf, adamw_names) -> bool:
   val = _value(leaf)
-  if getattr(val, "ndim", 0) < 2:
+  if getattr(val, "ndim", 0) - _n_stacked(path) < 2:
     return False
   if any(n in adamw_names for n in _names(path)):
     return False
@@ -210,7 +221,8 @@ def _labels(params, adamw_names):
 def _wd_mask(cfg: OptimConfig):
   if cfg.wd_1d:
     return None
-  return lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda p, x: _value(x).ndim - _n_stacked(p) >= 2, params, is_leaf=_is_var)
 
 
 # ------------------------------------------------------------------------------ optimizer

@@ -14,16 +14,21 @@ period 2); k = 1 layers run unrolled. A dynamic programme picks the cut with the
 traced block bodies, e.g. ``v4_tiny_peer`` (43 layers):
   layers 0-1 (window, hash MoE) scan x2 | layer 2 (CSA, hash MoE) | 3-42 [HCA, CSA] x20.
 
-Storage is unchanged: ``Transformer.layers`` keeps one ``Block`` per layer, so parameter
-names (``layers.7.attn.wq_a``), checkpoints, optimiser partitions and sharding stay
-per layer. At trace time the states of a slot's k layers are stacked along a new
-leading axis (logical axis "layers", replicated by default), the scan body merges a
-slice back into the slot's module graph, and the state a forward changes (MoE load
-counters, sown ``AuxLoss``/``Metric`` values) is unstacked back into each layer, so sown
-values keep their per-layer paths (``layers/7/moe_seq_aux``). Gradients flow through
-the stacking. Layer-id-dependent *data* (a hash layer's ``tid2eid`` table) is scanned
-like any other state; layer-id-dependent *structure* is part of the kind (a check at
-trace time refuses a slot whose blocks differ in anything but ``layer_id``).
+Storage. A scanned slot's layers are kept stacked between steps: ``Transformer.scanned``
+holds one module per slot whose Variables carry a leading axis of its k layers (logical
+axis "layers", replicated by default), so parameters, gradients and optimizer moments are
+one array per slot and name, not one per layer (the 43-layer peer config: 350 leaves,
+not 1,371), and the scan reads them as they are. Unrolled layers stay in
+``Transformer.layers`` (None where a layer is stacked). The state a forward changes (MoE
+load counters, sown ``AuxLoss``/``Metric`` values) comes out of the scan stacked and is
+written back to the slot; ``steps.collect`` names sown values per layer again
+(``layers/7/moe_seq_aux``). ``to_per_layer``/``to_stacked`` convert any pure state
+(model or optimizer) between this layout and DeepSeek's per-layer names
+(``layers.7.attn.wq_a``): checkpoints record their layout and restore into either,
+conversion from DeepSeek checkpoints and per-layer tools use the per-layer form.
+Layer-id-dependent *data* (a hash layer's ``tid2eid`` table) is stacked like any other
+state; layer-id-dependent *structure* is part of the kind (building a slot refuses
+blocks that differ in anything but ``layer_id``).
 
 Remat (``ModelConfig.remat``): each block call is wrapped in ``jax.checkpoint`` with the
 chosen policy (``REMAT_POLICIES``), scanned or not.
@@ -157,17 +162,6 @@ def _check_same_structure(blocks, layer_ids) -> None:
                        f"model.scan_layers=False, and report the config)")
 
 
-def _stack(states: list) -> Any:
-  """Stack per-layer states along a new leading 'layers' axis."""
-  def one(*vs):
-    val = jnp.stack([v.get_value() for v in vs])
-    axes = vs[0].get_metadata().get("logical_axes")
-    if axes is not None:
-      val = sharding.constrain(val, ("layers",) + tuple(axes))
-    return vs[0].replace(val)
-  return jax.tree.map(one, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def _leaves(state: nnx.State) -> dict:
   """{path: leaf values} of a state, taken now (a forward mutates Variables in place)."""
   return {path: jax.tree.leaves(var.get_value()) for path, var in nnx.to_flat_state(state)}
@@ -196,9 +190,101 @@ def _writeback(block, changed: nnx.State, old_sown: nnx.State) -> None:
   nnx.update(block, nnx.State.from_flat_path(flat))
 
 
-def run_layers(layers: Sequence[nnx.Module], segments: Sequence[Segment], h, call: Call,
-               xs: Sequence[Any] | None = None, remat: str = "none"):
-  """Apply the blocks to the carry ``h`` segment by segment.
+
+# --------------------------------------------------------------------------- storage
+
+STACK = "scanned"     # Transformer attribute (and state path component) of stacked slots
+
+
+def slots(cfg) -> tuple[tuple[int, ...], ...]:
+  """The layer ids each stacked slot holds, in ``Transformer.scanned`` order: one slot
+  per position j of every scanned segment, holding layers start + r·period + j."""
+  out = []
+  for seg in layer_plan(cfg):
+    if seg.repeats > 1:
+      out += [tuple(seg.layer(r, j) for r in range(seg.repeats)) for j in range(seg.period)]
+  return tuple(out)
+
+
+def stack_blocks(blocks: Sequence[nnx.Module], layer_ids: Sequence[int]) -> nnx.Module:
+  """One module whose every Variable holds the given blocks' values stacked along a new
+  leading axis (logical axis "layers", replicated by default); its static attributes
+  are the first block's."""
+  _check_same_structure(blocks, layer_ids)
+  graphdef = nnx.graphdef(blocks[0])
+
+  def one(*vs):
+    axes = vs[0].get_metadata().get("logical_axes")
+    meta = {} if axes is None else {"logical_axes": ("layers",) + tuple(axes)}
+    return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **meta)
+  state = jax.tree.map(one, *[nnx.state(b) for b in blocks],
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+def layer_view(stacked: nnx.Module, r: int, layer_id: int) -> nnx.Module:
+  """Layer ``layer_id`` (entry ``r``) of a stacked slot as a plain Block: a copy for
+  eager per-layer tools (diagnostics, conversion checks); writes to it do not reach the
+  stacked storage."""
+  graphdef, state = nnx.split(stacked)
+
+  def one(v):
+    axes = v.get_metadata().get("logical_axes")
+    meta = {} if axes is None else {"logical_axes": tuple(axes)[1:]}
+    return v.replace(v.get_value()[r], **meta)
+  m = nnx.merge(graphdef, jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  for _, node in nnx.iter_graph(m):
+    if isinstance(node, nnx.Module) and hasattr(node, "layer_id"):
+      node.layer_id = layer_id
+  return m
+
+
+def _is_layer_dict(d) -> bool:
+  return isinstance(d, dict) and bool(d) and all(isinstance(k, int) for k in d)
+
+
+def to_per_layer(tree: Any, slot_ids: Sequence[Sequence[int]], strip=None) -> Any:
+  """A pure nested-dict state (``nnx.State.to_pure_dict()``: the model's, or an
+  optimizer's whose moments mirror it) with stacked slots under ``scanned`` -> the same
+  with every layer under ``layers`` (``layers.7.attn.wq_a``). Leaves are arrays or
+  ``jax.ShapeDtypeStruct``; ``strip(leaf, r)`` takes entry r (default ``leaf[r]``)."""
+  strip = strip or (lambda x, r: x[r])
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: to_per_layer(v, slot_ids, strip) for k, v in tree.items() if k != STACK}
+  if STACK in tree:
+    layers = dict(out.get("layers") or {})
+    for s, sub in tree[STACK].items():
+      for r, i in enumerate(slot_ids[s]):
+        layers[i] = jax.tree.map(lambda x, r=r: strip(x, r), sub)
+    out["layers"] = dict(sorted(layers.items()))
+  return out
+
+
+def to_stacked(tree: Any, slot_ids: Sequence[Sequence[int]], stack=None) -> Any:
+  """Inverse of ``to_per_layer``: the layers of each slot leave ``layers`` and are
+  stacked under ``scanned.s`` (``stack(list_of_leaves)``, default ``jnp.stack``)."""
+  stack = stack or (lambda xs: jnp.stack(xs))
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: to_stacked(v, slot_ids, stack) for k, v in tree.items()}
+  layers = out.get("layers")
+  if slot_ids and _is_layer_dict(layers) and all(i in layers for s in slot_ids for i in s):
+    layers = dict(layers)
+    out[STACK] = {s: jax.tree.map(lambda *xs: stack(list(xs)), *[layers.pop(i) for i in ids])
+                  for s, ids in enumerate(slot_ids)}
+    out["layers"] = layers
+  return out
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def run_layers(layers: Sequence[nnx.Module | None], scanned: Sequence[nnx.Module],
+               segments: Sequence[Segment], h, call: Call, xs: Sequence[Any] | None = None,
+               remat: str = "none"):
+  """Apply the blocks to the carry ``h`` segment by segment: ``layers[i]`` for unrolled
+  layers, the stacked slots ``scanned`` (in ``slots`` order) for scanned segments.
 
   ``call(block, h, x) -> (h, y, extra)``: ``x`` is the layer's own input (e.g. its decode
   cache; None when ``xs`` is None), ``y`` its per-layer output (cache vectors, new
@@ -207,6 +293,7 @@ def run_layers(layers: Sequence[nnx.Module], segments: Sequence[Segment], h, cal
   n = len(layers)
   xs = [None] * n if xs is None else list(xs)
   ys, extras = [None] * n, [None] * n
+  slot = 0
   for seg in segments:
     if seg.repeats == 1:
       for i in range(seg.start, seg.stop):
@@ -215,21 +302,17 @@ def run_layers(layers: Sequence[nnx.Module], segments: Sequence[Segment], h, cal
           fn = nnx.remat(fn, policy=REMAT_POLICIES[remat])
         h, ys[i], extras[i] = fn(layers[i], h, xs[i])
       continue
-    h = _scan_segment(layers, seg, h, call, xs, ys, remat)
+    h = _scan_segment(scanned[slot:slot + seg.period], seg, h, call, xs, ys, remat)
+    slot += seg.period
   return h, ys, extras
 
 
-def _scan_segment(layers, seg: Segment, h, call: Call, xs, ys, remat: str):
+def _scan_segment(stacks, seg: Segment, h, call: Call, xs, ys, remat: str):
   p, k = seg.period, seg.repeats
   ids = [[seg.layer(r, j) for r in range(k)] for j in range(p)]
-  graphdefs, stacked, sown = [], [], {}
-  for j in range(p):
-    blocks = [layers[i] for i in ids[j]]
-    _check_same_structure(blocks, ids[j])
-    for b, i in zip(blocks, ids[j]):
-      sown[i] = nnx.pop(b, nnx.Intermediate)  # the body sows afresh; appended back below
-    graphdefs.append(nnx.graphdef(blocks[0]))
-    stacked.append(_stack([nnx.state(b) for b in blocks]))
+  sown = [nnx.pop(m, nnx.Intermediate) for m in stacks]  # the body sows afresh; appended below
+  graphdefs = [nnx.graphdef(m) for m in stacks]
+  states = [nnx.state(m) for m in stacks]
   x_in = [jax.tree.map(lambda *a: jnp.stack(a), *[xs[i] for i in ids[j]])
           if xs[ids[j][0]] is not None else None for j in range(p)]
 
@@ -247,18 +330,17 @@ def _scan_segment(layers, seg: Segment, h, call: Call, xs, ys, remat: str):
   fns = [apply(j) for j in range(p)]
 
   def body(h, step):
-    states, x = step
+    st, x = step
     outs = []
     for j in range(p):
-      h, y, changed = fns[j](states[j], h, x[j])
+      h, y, changed = fns[j](st[j], h, x[j])
       outs.append((y, changed))
     return h, outs
 
-  h, outs = jax.lax.scan(body, h, (stacked, x_in))
+  h, outs = jax.lax.scan(body, h, (states, x_in))
   for j in range(p):
     y_j, changed_j = outs[j]
     for r, i in enumerate(ids[j]):
-      take = lambda a, r=r: a[r]  # noqa: E731
-      ys[i] = jax.tree.map(take, y_j)
-      _writeback(layers[i], jax.tree.map(take, changed_j), sown[i])
+      ys[i] = jax.tree.map(lambda a, r=r: a[r], y_j)
+    _writeback(stacks[j], changed_j, sown[j])
   return h

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from model1 import moe
+from model1 import moe, scan
 from model1.config import ModelConfig
 from model1.engram import HOST_TABLE_STATE, HOST_TABLE_TRAINABLE, RowSparseMoment
 from model1.layers import AuxLoss, Metric
@@ -47,11 +47,20 @@ def _path_name(path) -> str:
 
 def collect(model, kind) -> dict:
   """Pop every value of an ``nnx.Intermediate`` subtype (AuxLoss, Metric) sown during the
-  last call, keyed by module path."""
+  last call, keyed by module path. Values a stacked slot sowed (``scanned/s/...``, one
+  entry per layer of the slot) are keyed per layer (``layers/7/...``)."""
   state = nnx.pop(model, kind)
+  slot_ids = getattr(model, "slot_ids", ())
   out = {}
   for path, v in jax.tree.leaves_with_path(state):
-    out[_path_name(path)] = v
+    name = _path_name(path)
+    parts = name.split("/")
+    if parts[0] == scan.STACK:
+      rest = "/".join(parts[2:])
+      for r, i in enumerate(slot_ids[int(parts[1])]):
+        out[f"layers/{i}/{rest}"] = v[r]
+    else:
+      out[name] = v
   return out
 
 
@@ -157,14 +166,15 @@ _REST = nnx.All(nnx.Not(nnx.Param), nnx.Not(RowSparseMoment))
 
 
 def has_host_tables(model) -> bool:
-  return any(l.engram is not None and l.engram.cfg.host_table for l in model.layers)
+  return any(l is not None and l.engram is not None and l.engram.cfg.host_table
+             for l in model.layers)
 
 
 def gather_host_rows(model, engram_hash: dict) -> dict:
   """{layer: rows [B,T,A,H]} gathered on the host from host-resident Engram tables (the
   train step's ``batch["engram_emb"]``); only these rows ever reach the device."""
   return {str(l.layer_id): l.engram.lookup(engram_hash[str(l.layer_id)])
-          for l in model.layers if l.engram is not None}
+          for l in model.layers if l is not None and l.engram is not None}
 
 
 def update_host_tables(model, engram_hash: dict, grads: dict, learning_rate, b1: float,
@@ -172,7 +182,7 @@ def update_host_tables(model, engram_hash: dict, grads: dict, learning_rate, b1:
   """Row-sparse AdamW on each host table with the train step's ``engram_grads``
   (``engram_hash``: the host numpy ids the rows were gathered with)."""
   for l in model.layers:
-    if l.engram is not None:
+    if l is not None and l.engram is not None:
       k = str(l.layer_id)
       l.engram.multi_head_embedding.sparse_update(
           l.engram.row_ids(engram_hash[k]), grads[k], learning_rate, weight_decay, b1, b2)

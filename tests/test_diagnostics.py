@@ -32,10 +32,12 @@ def _inputs(T=24, B=2):
 def test_attention_map_reproduces_the_layer(geometry):
   model = _model(geometry)
   if geometry == "model1":  # a non-zero sink so its mass is actually tested
-    model.layers[1].attn.attn_sink[...] = jnp.array([1.5, -0.5])
+    b = model.block(1)
+    b.attn.attn_sink[...] = jnp.array([1.5, -0.5])
+    model.set_block(1, b)
   tok, pos, seg = _inputs()
   cap = diagnostics.capture(model, tok, pos, seg)
-  mla, x = model.layers[1].attn, cap["x"][1]
+  mla, x = model.block(1).attn, cap["x"][1]
   a = diagnostics.attention_probs(mla, x, pos, seg)
   total = a["probs_BNTS"].sum(-1) + a["sink_BNT"]
   np.testing.assert_allclose(total, 1.0, atol=1e-5)  # fp32 softmax rounding
@@ -54,7 +56,7 @@ def test_dsa_topk_and_compressed_split():
   model = _model("model1", sparse="dsa", index_topk=6)
   tok, pos, seg = _inputs()
   cap = diagnostics.capture(model, tok, pos, seg)
-  mla, x = model.layers[0].attn, cap["x"][0]
+  mla, x = model.block(0).attn, cap["x"][0]
   a = diagnostics.attention_probs(mla, x, pos, seg)
   idx, ok = diagnostics.dsa_topk(mla, x, pos, seg)
   k = diagnostics.topk_mass(a["probs_BNTS"], idx, ok)
@@ -65,7 +67,7 @@ def test_dsa_topk_and_compressed_split():
                  index_topk=2)
   cap = diagnostics.capture(model, tok, pos, seg)
   for i in (0, 1):  # CSA (top-k entries), HCA (all entries)
-    mla = model.layers[i].attn
+    mla = model.block(i).attn
     p = diagnostics.compressed_attention_probs(mla, cap["x"][i], pos, seg)
     s = diagnostics.window_compressed_split(p["p_window_BNTS"], p["p_comp_BNTM"], p["sink_BNT"])
     tot = s["window_BNT"] + s["compressed_BNT"] + s["sink_BNT"]
@@ -81,7 +83,7 @@ def test_engram_gates_and_expert_load():
   tok, pos, seg = _inputs(T=12, B=1)
   ids = {"1": np.random.default_rng(0).integers(0, 50, (1, 12, 8)).astype(np.int32)}
   cap = diagnostics.capture(model, tok, pos, seg, engram_hash=ids)
-  alpha = diagnostics.engram_gates(model.layers[1].engram, cap["h"][1], ids["1"])
+  alpha = diagnostics.engram_gates(model.block(1).engram, cap["h"][1], ids["1"])
   assert alpha.shape == (1, 12, 1) and float(alpha.min()) > 0 and float(alpha.max()) < 1
   rows = [{"step": s, "layers/0/expert_load": [0.5, 0.25, 0.25, 0.0]} for s in (1, 2)]
   load = diagnostics.expert_load(rows)["layers/0/expert_load"]

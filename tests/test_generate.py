@@ -24,7 +24,9 @@ def fresh(request):
   near-equal keys (a sharply trained model can, at isolated steps)."""
   m = Transformer(_tiny(request.param), nnx.Rngs(0))
   if request.param == "model1":
-    m.layers[0].attn.attn_sink[...] = jnp.array([0.5, -1.0])
+    b = m.block(0)
+    b.attn.attn_sink[...] = jnp.array([0.5, -1.0])
+    m.set_block(0, b)
   return request.param, m
 
 
@@ -36,7 +38,9 @@ def trained(request):
   cfg = _tiny(request.param)
   m = Transformer(cfg, nnx.Rngs(0))
   if request.param == "model1":
-    m.layers[0].attn.attn_sink[...] = jnp.array([0.5, -1.0])
+    b = m.block(0)
+    b.attn.attn_sink[...] = jnp.array([0.5, -1.0])
+    m.set_block(0, b)
   opt = nnx.Optimizer(m, optax.adam(1e-2), wrt=nnx.Param)
   rng = np.random.default_rng(0)
   data = np.stack([np.roll(np.arange(40) % 13 + 3 * (i % 5), i) for i in range(16)])

@@ -179,3 +179,33 @@ def test_first_step_updates_are_adam_signs_and_muon_orthogonal():
     sv = np.linalg.svd(np.asarray(upd["experts"]["w1"][e]) / (-mlr * np.sqrt(F / D)),
                        compute_uv=False)
     assert 0.5 < sv.min() and sv.max() < 1.3, (e, sv)
+
+
+def test_stacked_layers_update_like_the_same_layers_stored_apart():
+  """A scanned slot's leaves (path ``scanned``, leading axis = its layers): each layer's
+  matrix is orthogonalised on its own, its norm stays on AdamW and is not decayed, and
+  the update equals that of the same layers stored per layer."""
+  from model1 import scan
+  cfg = OptimConfig(lr=1e-3, muon_lr=1e-2, warmup_steps=1, total_steps=10, clip=0,
+                    weight_decay=0.1, muon=True)
+  keys = iter(jax.random.split(jax.random.key(1), 18))
+  layer = lambda: {"attn_norm": {"weight": jax.random.normal(next(keys), (D,))},  # noqa: E731
+                   "wq": {"weight": jax.random.normal(next(keys), (D, 2 * D))},
+                   "experts": {"w1": jax.random.normal(next(keys), (E, D, F))}}
+  per = {"layers": {0: layer(), 1: layer(), 2: layer()}}
+  grads_per = {"layers": {i: layer() for i in range(3)}}
+  slot_ids = ((0, 2), )   # layers 0 and 2 share a slot, layer 1 stays apart
+  stacked, grads_st = scan.to_stacked(per, slot_ids), scan.to_stacked(grads_per, slot_ids)
+  assert stacked["scanned"][0]["wq"]["weight"].shape == (2, D, 2 * D)
+  assert muon_mask(stacked)["scanned"][0] == {"attn_norm": {"weight": False},
+                                              "wq": {"weight": True},
+                                              "experts": {"w1": True}}
+  tx = make_optimizer(cfg)
+  step = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
+  want, got = step(grads_per, per), scan.to_per_layer(step(grads_st, stacked), slot_ids)
+  for path, w in jax.tree_util.tree_leaves_with_path(want):
+    g = got
+    for k in path:
+      g = g[k.key]
+    # the same per-matrix arithmetic in a batched program: fp32 rounding only
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7, err_msg=str(path))

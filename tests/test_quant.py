@@ -227,12 +227,12 @@ def test_enable_qat_switches_linears_and_experts():
   model = nnx.jit(lambda: Transformer(cfg, nnx.Rngs(0)))()
   ref = nnx.clone(model)
   assert quant.enable_qat(model) == (4, 1)        # wq_a, wq_b, wkv, wo_b; one MoE layer
-  attn, x = model.layers[0].attn, np.random.RandomState(4).randn(5, cfg.d_model).astype(np.float32)
+  attn, x = model.block(0).attn, np.random.RandomState(4).randn(5, cfg.d_model).astype(np.float32)
   w = np.asarray(attn.wq_a.weight[...])             # [128, 64]: one partial 128x64 block
   want = ref_quant(x, 1, 128, "fp8") @ ref_quant(w, 128, 128, "fp8")
   # exact operands, fp32 accumulation: summation order only
   np.testing.assert_allclose(np.asarray(attn.wq_a(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
-  moe, moe_ref = model.layers[0].ffn, ref.layers[0].ffn
+  moe, moe_ref = model.block(0).ffn, ref.block(0).ffn
   for name in ("w1", "w2", "w3"):                   # FP4 values by hand, switch off
     v = getattr(moe_ref.experts, name)
     v[...] = np.stack([ref_quant(e.T, 1, 32, "fp4").T for e in np.asarray(v[...])]).astype(np.float32)

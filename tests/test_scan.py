@@ -88,7 +88,11 @@ def _loss_and_grads(cfg, batch):
     (_, aux), g = nnx.value_and_grad(steps.loss_fn, has_aux=True)(m, b)
     return aux, g
   aux, g = f(model, batch)
-  return aux, g, nnx.state(model, nnx.Not(nnx.Param))
+  # compared in DeepSeek's per-layer names whatever the storage (stacked slots unstacked)
+  def per(st):
+    tree = scan.to_per_layer(st.to_pure_dict(), model.slot_ids)
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return aux, per(g), per(nnx.state(model, nnx.Not(nnx.Param)))
 
 
 @pytest.mark.parametrize("make,remat", [(_v4, "none"), (_v32_dsa, "full")])
@@ -101,19 +105,19 @@ def test_scanned_matches_unrolled(make, remat):
   assert set(a1["aux"]) == set(a0["aux"]) and set(a1["metrics"]) == set(a0["metrics"])
   for k in a0["aux"]:  # per-layer sown losses keep their per-layer paths and values
     np.testing.assert_allclose(a1["aux"][k], a0["aux"][k], rtol=1e-4, atol=1e-7, err_msg=k)
-  flat0, flat1 = dict(nnx.to_flat_state(g0)), dict(nnx.to_flat_state(g1))
+  flat0, flat1 = g0, g1
   assert flat0.keys() == flat1.keys()
-  gmax = max(np.linalg.norm(np.asarray(v.get_value())) for v in flat0.values())
+  gmax = max(np.linalg.norm(np.asarray(v)) for v in flat0.values())
   for path, v in flat0.items():
-    x, y = np.asarray(v.get_value()), np.asarray(flat1[path].get_value())
+    x, y = np.asarray(v), np.asarray(flat1[path])
     # fp32 summation order differs between the two XLA programs: ~1e-6 of the leaf's
     # norm, more for leaves whose terms cancel (mHC head scale: 2e-4 of a 7e-6 value),
     # hence the floor at 1e-6 of the largest leaf; a wrong layer would be O(1)
     assert np.linalg.norm(y - x) <= 1e-4 * np.linalg.norm(x) + 1e-6 * gmax, path
   # MoE load counters written back into each scanned layer
-  for path, v in nnx.to_flat_state(s0):
-    np.testing.assert_array_equal(dict(nnx.to_flat_state(s1))[path].get_value(),
-                                  v.get_value(), err_msg=str(path))
+  assert s0.keys() == s1.keys()
+  for path, v in s0.items():
+    np.testing.assert_array_equal(s1[path], v, err_msg=str(path))
 
 
 def test_generate_same_tokens_both_ways():
@@ -144,8 +148,12 @@ def _save_restore(tmp_path, cfg_from, cfg_to, meta_edit=None):
   dst, dopt = nnx.eval_shape(lambda: _with_opt(Transformer(cfg_to, nnx.Rngs(4)), tx))
   ck.restore(1, dst, dopt, config.to_dict(cfg_to))
   ck.close()
-  for a, b in zip(jax.tree.leaves((nnx.state(src), nnx.state(opt))),
-                  jax.tree.leaves((nnx.state(dst), nnx.state(dopt)))):
+  # the same values in DeepSeek's per-layer names, whichever layout each side stores
+  per = lambda m, o: (m.per_layer_state(),  # noqa: E731
+                      scan.to_per_layer(nnx.state(o).to_pure_dict(), m.slot_ids))
+  want, got = per(src, opt), per(dst, dopt)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     assert isinstance(b, jax.Array)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   return dst

@@ -31,7 +31,7 @@ def test_sharded_step_matches_single_device(setup, axes):
   mesh = sharding.make_mesh(**axes)
   model, opt = trainer.build_model_and_optimizer(mcfg, cfg.train, mesh, 0)
   if axes["expert"] > 1:  # experts really are split over the expert axis
-    w1 = model.layers[1].ffn.experts.w1[...]
+    w1 = model.block(1).ffn.experts.w1[...]
     assert w1.sharding.spec[0] == "expert", w1.sharding.spec
   for path, v in jax.tree.leaves_with_path(nnx.state(model, nnx.Param),
                                            is_leaf=lambda x: isinstance(x, nnx.Variable)):
@@ -51,7 +51,7 @@ def test_rules_shard_what_they_say(setup):
   cfg, mcfg, *_ = setup
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2, expert=1)
   model, _ = trainer.build_model_and_optimizer(mcfg, cfg.train, mesh, 0)
-  a = model.layers[0].attn
+  a = model.block(0).attn
   assert a.wq_b.weight[...].sharding.spec == PartitionSpec(None, "tensor", None)
   assert model.embed.weight[...].sharding.spec == PartitionSpec("tensor", "fsdp")
   # MLA's single shared KV vector is never split over tensor

@@ -77,7 +77,7 @@ def test_window_restricts_attention_to_w_tokens():
   x = jax.random.normal(jax.random.key(0), (1, 20, D))
   pos, seg = jnp.arange(20)[None], jnp.ones((1, 20), jnp.int32)
   attn = nnx.jit(lambda a, x: a(x, pos, seg))
-  y0, y1 = attn(m.layers[0].attn, x), attn(m.layers[0].attn, x.at[:, 0].add(3.0))
+  y0, y1 = attn(m.block(0).attn, x), attn(m.block(0).attn, x.at[:, 0].add(3.0))
   np.testing.assert_array_equal(y0[:, 8:], y1[:, 8:])
   assert not np.allclose(y0[:, :8], y1[:, :8])
 
@@ -247,7 +247,7 @@ def test_param_count_includes_indexer_and_compressors():
     m = Transformer(cfg, nnx.Rngs(0))
     per_layer = lambda i: config.attention_params(cfg.attention, D, i)
     dense = config.attention_params(_cfg().attention, D)
-    got = {i: sum(x.size for x in jax.tree.leaves(nnx.state(m.layers[i].attn, nnx.Param)))
+    got = {i: sum(x.size for x in jax.tree.leaves(nnx.state(m.block(i).attn, nnx.Param)))
            for i in range(cfg.n_layers)}
     assert got == {i: per_layer(i) for i in range(cfg.n_layers)}
     assert all(v > dense for i, v in got.items() if cfg.attention.compress_ratio(i)
