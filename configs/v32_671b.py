@@ -33,7 +33,7 @@ def model_config() -> ModelConfig:
                   swiglu_limit=0.0)
   return ModelConfig(
       vocab_size=129280, d_model=7168, n_layers=61, max_seq_len=163840, attention=attn,
-      ffn=FFNConfig(hidden=18432), dtype="bfloat16", mhc=MHCConfig(hc_mult=1),
+      ffn=FFNConfig(hidden=18432), dtype="bfloat16", remat="full", mhc=MHCConfig(hc_mult=1),
       use_moe=True, n_dense_layers=3, moe=moe, mtp=MTPConfig(n_layers=1)).validate()
 
 

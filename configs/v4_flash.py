@@ -35,7 +35,7 @@ def model_config() -> ModelConfig:
                   score_func="sqrtsoftplus", swiglu_limit=10.0)
   return ModelConfig(
       vocab_size=129280, d_model=4096, n_layers=43, max_seq_len=1 << 20, attention=attn,
-      ffn=FFNConfig(hidden=2048), dtype="bfloat16", mhc=MHCConfig(hc_mult=4),
+      ffn=FFNConfig(hidden=2048), dtype="bfloat16", remat="full", mhc=MHCConfig(hc_mult=4),
       use_moe=True, n_dense_layers=0, moe=moe, mtp=MTPConfig(n_layers=1)).validate()
 
 

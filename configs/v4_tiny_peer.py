@@ -26,7 +26,8 @@ def get_config():
   model = config.ModelConfig(
       vocab_size=129280, d_model=64, n_layers=43, max_seq_len=1024, attention=attn,
       mhc=config.MHCConfig(hc_mult=4, sinkhorn_iters=20), use_moe=True, moe=moe,
-      mtp=config.MTPConfig(n_layers=0), dtype="float32")
+      mtp=config.MTPConfig(n_layers=0), dtype="float32",
+      remat="full")  # as MaxText's default policy; on CPU as fast as none, 3.7 vs 5.9 GB
   c = config.run_config(model.validate(), "v4_tiny_peer")
   c.data.tokenizer = "byte"  # our corpus BPE has 4096 ids; the peer's vocabulary is kept
   c.data.seq_len, c.data.batch_size = 256, 4
