@@ -2,6 +2,7 @@
 loss and gradients (V4 with mHC, hash + routed MoE, CSA/HCA and MTP; V3.2 with DSA),
 generation, remat, and checkpoints moving between the two modes."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,11 @@ def _save_restore(tmp_path, cfg_from, cfg_to, meta_edit=None):
   ck = checkpoint.Checkpointer(tmp_path)
   ck.save(1, src, opt, jax.random.key(0), meta)
   ck.wait()
+  if meta_edit:  # the metadata as written before stacked storage: no "slots" entry
+    f = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+    on_disk = json.loads(f.read_text())
+    assert on_disk.pop("slots") == []
+    f.write_text(json.dumps(on_disk))
   # an abstract target (shapes only, nothing initialised): every leaf must come from disk
   dst, dopt = nnx.eval_shape(lambda: _with_opt(Transformer(cfg_to, nnx.Rngs(4)), tx))
   ck.restore(1, dst, dopt, config.to_dict(cfg_to))
@@ -172,7 +178,8 @@ def test_checkpoint_moves_between_scanned_and_unrolled(tmp_path):
 
 
 def test_checkpoint_from_before_scan_layers_restores(tmp_path):
-  """Checkpoints written before model.scan_layers existed (remat a bool) restore."""
+  """Checkpoints written before model.scan_layers and stacked storage existed (remat a
+  bool, every layer stored per layer, no layout in the metadata) restore stacked."""
   def old(meta):
     meta.pop("scan_layers")
     meta["remat"] = False
