@@ -99,7 +99,7 @@ def train_step(model, optimizer, batch: dict, grad_accum: int = 1):
   faster than a program's size, and the update touches every per-layer parameter (1,371
   leaves in the 43-layer peer config), so one fused program compiled in ~134 s of CPU
   where the two parts take ~54 s and ~23 s. The gradients are materialised either way."""
-  out, grads = grad_step(model, optimizer, batch, grad_accum=grad_accum)
+  out, grads = grad_step(model, batch, grad_accum=grad_accum, wrt=optimizer.wrt)
   apply_update(model, optimizer, grads)
   return out
 
@@ -111,10 +111,13 @@ def apply_update(model, optimizer, grads):
   moe.apply_bias_updates(model)
 
 
-@nnx.jit(static_argnames=("grad_accum",))
-def grad_step(model, optimizer, batch: dict, grad_accum: int = 1):
-  """(metrics, gradients w.r.t. ``optimizer.wrt``) of ``train_step``; updates the
-  non-parameter state the forward changes (MoE load counters)."""
+@nnx.jit(static_argnames=("grad_accum", "wrt"))
+def grad_step(model, batch: dict, grad_accum: int = 1, wrt=nnx.Param):
+  """(metrics, gradients w.r.t. ``wrt``: the optimizer's ``wrt`` filter) of
+  ``train_step``; updates the non-parameter state the forward changes (MoE load
+  counters). The optimizer is not an argument, so runs that differ only in their
+  optimizer (AdamW / Muon, learning rates) share this compiled program."""
+  opt_wrt = wrt
   emb = batch.get("engram_emb")
   batch = {k: v for k, v in batch.items() if k != "engram_emb"}
   wrt = nnx.Param if emb is None else HOST_TABLE_TRAINABLE
@@ -152,8 +155,8 @@ def grad_step(model, optimizer, batch: dict, grad_accum: int = 1):
     loss = lsum / n
     extras = jax.tree.map(lambda x: x.mean(0), per_micro)
   nnx.update(model, rest)
-  if optimizer.wrt is not wrt:  # e.g. the DSA warm-up trains the indexer only
-    grads = nnx.state(nnx.merge(graphdef, grads, frozen, rest), optimizer.wrt)
+  if opt_wrt is not wrt:  # e.g. the DSA warm-up trains the indexer only
+    grads = nnx.state(nnx.merge(graphdef, grads, frozen, rest), opt_wrt)
   grad_norm = optax.global_norm(grads)
   out = {"loss": loss, "grad_norm": grad_norm, **extras}
   if emb is not None:

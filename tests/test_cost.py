@@ -16,6 +16,8 @@ import pallas_kernels as pk
 from model1 import config, cost, generate, kv_cache
 from model1.model import Transformer
 
+pytestmark = pytest.mark.xdist_group("cost")  # one worker builds the module fixtures once
+
 
 def _plain(cfg, **kw):
   # plain blocks (no MoE/mHC/MTP): the caches and attention paths are what is under test

@@ -10,6 +10,8 @@ from conftest import tiny_model_config
 from model1 import generate, kv_cache
 from model1.model import Transformer
 
+pytestmark = pytest.mark.xdist_group("generate")  # one worker builds the module fixtures once
+
 GEOMS = ["v32", "model1"]
 
 

@@ -28,6 +28,8 @@ from model1.generate import SamplingConfig, generate
 from model1.model import Transformer
 from pallas_kernels import dispatch
 
+pytestmark = pytest.mark.xdist_group("generate_sparse_kernels")  # one worker builds the module fixtures once
+
 
 STEPS = 12
 # V4: W = 16, so both sequences wrap the ring; sequence 0's prefill emits the first HCA

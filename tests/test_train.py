@@ -56,6 +56,7 @@ def _hex(run):
   return run[0], [float.hex(x) for x in run[1]]
 
 
+@pytest.mark.xdist_group("train_resume")  # with the fixture run they compare to
 def test_sigterm_preempt_and_resume_is_bit_identical(tmp_path, straight):
   r = _train_cli(tmp_path / "pre", f"--config.train.preempt_at_step={N}", code=75)
   assert "checkpoint saved at step 3" in r.stdout and "rerun the same command" in r.stdout
@@ -67,6 +68,7 @@ def test_sigterm_preempt_and_resume_is_bit_identical(tmp_path, straight):
   assert straight[0] == list(range(1, 2 * N + 1))
 
 
+@pytest.mark.xdist_group("train_resume")  # with the fixture run they compare to
 def test_kill_9_with_corrupt_latest_checkpoint_resumes_bit_identically(tmp_path, straight):
   wd = tmp_path / "killed"
   kill_after = int(np.random.default_rng().integers(4, 2 * N))  # a random step in [4, 6)
