@@ -50,7 +50,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model1 import sharding
 
 # ModelConfig.remat -> jax.checkpoint policy ("none": no rematerialisation at all)
 REMAT_POLICIES: dict[str, Callable | None] = {
