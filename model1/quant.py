@@ -244,6 +244,12 @@ def qat_dense(x: jax.Array, w_in_out: jax.Array) -> jax.Array:
 FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wkv_a", "wkv_b", "wo", "wo_b", "wk", "e_proj", "h_proj")
 
 
+def _stacked_layers(names, var) -> int:
+  """How many layers a module stands for: k in a scanned slot (model1.scan; its
+  variables' leading axis), else 1."""
+  return var.shape[0] if "scanned" in names else 1
+
+
 def enable_qat(model, fp8_linears: bool = True, fp4_experts: bool = True):
   """Switch V4's quantisation-aware matmuls on (or off) in a built model, in place:
   FP8 block-128 weight x activation for the ``FP8_LINEARS`` Dense modules (not under a
@@ -258,8 +264,8 @@ def enable_qat(model, fp8_linears: bool = True, fp4_experts: bool = True):
     names = [str(p) for p in path]
     if isinstance(m, Dense) and names and names[-1] in FP8_LINEARS and "compressor" not in names:
       m.fp8_qat = bool(fp8_linears)
-      n_lin += 1
+      n_lin += _stacked_layers(names, m.weight)
     elif isinstance(m, MoE):
       m.fp4_qat = bool(fp4_experts)
-      n_moe += 1
+      n_moe += _stacked_layers(names, m.load)
   return n_lin, n_moe

@@ -227,6 +227,10 @@ def test_enable_qat_switches_linears_and_experts():
   model = nnx.jit(lambda: Transformer(cfg, nnx.Rngs(0)))()
   ref = nnx.clone(model)
   assert quant.enable_qat(model) == (4, 1)        # wq_a, wq_b, wkv, wo_b; one MoE layer
+  two = dataclasses.replace(cfg, n_layers=2, attention=dataclasses.replace(
+      cfg.attention, compress_ratios=(0, 0)))
+  two = nnx.eval_shape(lambda: Transformer(two, nnx.Rngs(0)))
+  assert len(two.scanned) == 1 and quant.enable_qat(two) == (8, 2)  # stacked: per layer
   attn, x = model.block(0).attn, np.random.RandomState(4).randn(5, cfg.d_model).astype(np.float32)
   w = np.asarray(attn.wq_a.weight[...])             # [128, 64]: one partial 128x64 block
   want = ref_quant(x, 1, 128, "fp8") @ ref_quant(w, 128, 128, "fp8")
