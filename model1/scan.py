@@ -17,8 +17,8 @@ traced block bodies, e.g. ``v4_tiny_peer`` (43 layers):
 Storage. A scanned slot's layers are kept stacked between steps: ``Transformer.scanned``
 holds one module per slot whose Variables carry a leading axis of its k layers (logical
 axis "layers", replicated by default), so parameters, gradients and optimizer moments are
-one array per slot and name, not one per layer (the 43-layer peer config: 350 leaves,
-not 1,371), and the scan reads them as they are. Unrolled layers stay in
+one array per slot and name, not one per layer (the 43-layer peer config: 122 parameter
+arrays, not 1,285), and the scan reads them as they are. Unrolled layers stay in
 ``Transformer.layers`` (None where a layer is stacked). The state a forward changes (MoE
 load counters, sown ``AuxLoss``/``Metric`` values) comes out of the scan stacked and is
 written back to the slot; ``steps.collect`` names sown values per layer again
