@@ -185,6 +185,18 @@ def _stage(c, n: int):
   return 0 if n == 1 else c % n
 
 
+def accumulate(acc, mma, interpreted: bool):
+  """``acc`` plus the wgmma ``mma(acc_ref)`` issues. On the GPU in place (``pl.run_state``
+  with ``ACC.init``: no second 128-register accumulator); interpret mode does not
+  simulate in-place accumulation, so there a fresh accumulator, then added."""
+  if interpreted:
+    def fresh(acc_ref):
+      mma(acc_ref)
+      return acc_ref[...]
+    return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+  return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+
 def attend_tile(c, carry, w, *, n_stages, q_smem, kbf, bias_smem, p_smem, alpha_smem, p_bar,
                 ready, consumed, scale, interpreted, brk=None):
   """One key tile of a consumer warpgroup (the decode kernels' loop body): wait for the
@@ -223,15 +235,7 @@ def attend_tile(c, carry, w, *, n_stages, q_smem, kbf, bias_smem, p_smem, alpha_
 
   def pv(acc_ref):
     plgpu.wgmma(acc_ref, p_smem.at[par], kbf.at[ks, :, cols])
-  if interpreted:
-    # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
-    # ``ACC.init``): a fresh accumulator, then added.
-    def fresh(acc_ref):
-      pv(acc_ref)
-      return acc_ref[...]
-    acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, V_CHUNK), jnp.float32))
-  else:                          # in place: no second 128-register accumulator
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+  acc = accumulate(acc, pv, interpreted)
   plgpu.barrier_arrive(consumed.at[ks])
   return acc, m_N, l_N
 

@@ -111,7 +111,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 
 from pallas_kernels.fp8_cache import require
-from pallas_kernels.mosaic_sparse_decode import interpret_params
+from pallas_kernels.mosaic_sparse_decode import accumulate, interpret_params
 
 BLOCK_H = 64            # wgmma M: query heads per CTA
 BLOCK_K = 64            # tokens per K tile (wgmma K of P V must be a multiple of 64)
@@ -274,15 +274,7 @@ def sparse_prefill_mla_mosaic(lens_ref, scale_ref, q_ref, sink_ref, idx_ref, kv_
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p_smem, kbf.at[:, cols])
-        if interpreted:
-          # Interpret mode does not simulate in-place accumulation (``pl.run_state`` with
-          # ``ACC.init``): a fresh accumulator, then added.
-          def fresh(acc_ref):
-            pv(acc_ref)
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(fresh, plgpu.ACC((BLOCK_H, width), jnp.float32))
-        else:                          # in place: no second 128-register accumulator
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        acc = accumulate(acc, pv, interpreted)
         plgpu.barrier_arrive(consumed)
         return acc, m_N, l_N
 
