@@ -19,7 +19,9 @@ Users pass their own files or folders instead (``data.paths``). Each file is a d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -149,17 +151,40 @@ class BPETokenizer:
     return self.vocab_size
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path):
+  """Hold an exclusive lock while building the cache file ``path``: runs started together
+  on a cold cache (a sweep, the test workers) wait for the first build and read it
+  instead of each spending a minute tokenizing the same corpus. The lock is released
+  when the process dies, so a killed builder never blocks the next one."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.with_name(path.name + ".lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_tokenizer(manifest: dict, kind: str, vocab_size: int, cache_dir: Path | None = None,
                    max_train_bytes: int = 8_000_000):
   if kind == "byte":
     return ByteTokenizer()
   if kind != "bpe":
     raise ValueError(f"data.tokenizer={kind!r}; expected 'bpe' or 'byte'")
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer
   cache = Path(cache_dir or default_cache_dir())
   path = cache / f"tokenizer-{manifest['hash']}-{vocab_size}.json"
   if path.exists():
     return BPETokenizer(Tokenizer.from_file(str(path)))
+  with _build_lock(path):
+    if path.exists():  # built by another process while this one waited
+      return BPETokenizer(Tokenizer.from_file(str(path)))
+    return BPETokenizer(_train_bpe(manifest, vocab_size, path, max_train_bytes))
+
+
+def _train_bpe(manifest: dict, vocab_size: int, path: Path, max_train_bytes: int):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -175,11 +200,10 @@ def load_tokenizer(manifest: dict, kind: str, vocab_size: int, cache_dir: Path |
     for e in entries[::stride]:
       yield _read(manifest, e)
   tok.train_from_iterator(texts(), trainer=trainer)
-  cache.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".tmp{os.getpid()}")
   tok.save(str(tmp))
   os.replace(tmp, path)
-  return BPETokenizer(tok)
+  return tok
 
 
 def tokenizer_from_file(path: str | Path):
@@ -276,18 +300,22 @@ class Dataset:
 
   def _tokenize(self, cache: Path, key: str) -> list[np.ndarray]:
     path = cache / f"tokens-{self.manifest['hash']}-{key}.npz"
-    if path.exists():
+
+    def load():
       z = np.load(path)
       return np.split(z["ids"], z["offsets"][1:-1])
-    texts = [_read(self.manifest, e) for e in self.manifest["files"]]
-    ids = self.tokenizer.encode_batch(texts)
-    docs = [np.asarray(x, np.int32) for x in ids]
-    offsets = np.cumsum([0] + [len(d) for d in docs])
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, ids=np.concatenate(docs), offsets=offsets)
-    os.replace(tmp, path)
-    return docs
+    if path.exists():
+      return load()
+    with _build_lock(path):
+      if path.exists():  # tokenized by another process while this one waited
+        return load()
+      texts = [_read(self.manifest, e) for e in self.manifest["files"]]
+      docs = [np.asarray(x, np.int32) for x in self.tokenizer.encode_batch(texts)]
+      offsets = np.cumsum([0] + [len(d) for d in docs])
+      tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+      np.savez(tmp, ids=np.concatenate(docs), offsets=offsets)
+      os.replace(tmp, path)
+      return docs
 
   def batch(self, step: int, split: str = "train", batch_size: int | None = None) -> dict:
     """Batch for ``step``: inputs/targets [B, seq_len], segment ids, positions, loss mask.

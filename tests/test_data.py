@@ -1,6 +1,7 @@
 """Data pipeline and host-boundary validation."""
 import dataclasses
 import json
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +131,37 @@ def test_one_file_corpus_validates_on_held_out_tokens(tmp_path):
   with pytest.raises(ValueError, match=r"one file of \d+ tokens; expected at least 34"):
     data.Dataset(paths=[str(tmp_path / "short.txt")], seq_len=16, tokenizer="byte",
                  cache_dir=str(tmp_path / "cache"))
+
+
+def test_runs_started_together_build_the_caches_once(tmp_path, monkeypatch):
+  # a sweep's runs (and the test workers) start on a cold cache at once: one builds the
+  # tokenizer and the token file under a lock, the others wait and read them
+  import threading
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f"f{i}.py").write_text(f"def f{i}(x):\n  return x + {i}\n" * 40)
+  built = {"bpe": 0, "tokens": 0}
+  train_bpe, encode = data._train_bpe, data.BPETokenizer.encode_batch
+
+  def counted(name, fn):
+    def wrapped(*a, **k):
+      built[name] += 1
+      time.sleep(0.3)  # long enough that every thread reaches the lock meanwhile
+      return fn(*a, **k)
+    return wrapped
+  monkeypatch.setattr(data, "_train_bpe", counted("bpe", train_bpe))
+  monkeypatch.setattr(data.BPETokenizer, "encode_batch", counted("tokens", encode))
+  out = [None] * 4
+
+  def build(i):
+    out[i] = data.Dataset(paths=[str(corpus)], seq_len=16, batch_size=2, vocab_size=300,
+                          cache_dir=str(tmp_path / "cache"))
+  threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert built == {"bpe": 1, "tokens": 1}, built
+  for ds in out[1:]:
+    np.testing.assert_array_equal(ds.train.tokens, out[0].train.tokens)
