@@ -19,13 +19,13 @@ def _rows(workdir):
   return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-STEPS = 24
+STEPS = 16  # the loss falls ~1.7 nats by then (below): 24 steps only cost time
 
 
 @pytest.fixture(scope="module")
 def muon_vs_adamw(tmp_path_factory, tiny_cfg):
   """The default config's model (mHC 4, MoE with a hash layer, MTP 1) at half its context,
-  trained 24 steps on the real corpus with AdamW and with Muon: {optimizer: (workdir, rows)}."""
+  trained 16 steps on the real corpus with AdamW and with Muon: {optimizer: (workdir, rows)}."""
   out = {}
   for opt in ("adamw", "muon"):
     cfg = tiny_cfg.copy_and_resolve_references()
@@ -42,7 +42,7 @@ def test_tiny_config_loss_falls_on_real_corpus(muon_vs_adamw):
   wd, rows = muon_vs_adamw["adamw"]
   losses = [r["loss"] for r in rows]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-  # ln(4096) = 8.3 at init; 24 AdamW steps on real code reliably fall ~2 (measured 1.98)
+  # ln(4096) = 8.3 at init; 16 AdamW steps on real code fall ~1.8 (measured 1.78)
   assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
   assert (wd / "loss.png").stat().st_size > 1000
   prov = json.loads((wd / "provenance.json").read_text())
@@ -54,7 +54,7 @@ def test_mtp_loss_reported_separately_and_falls(muon_vs_adamw):
   mtp = [r["mtp_loss_0"] for r in rows]
   lm = [r["loss"] for r in rows]
   assert all(np.isfinite(mtp)) and mtp != lm
-  # from ln(4096) = 8.3 at init, 24 steps reliably take the 2-ahead prediction below 7.5
+  # from ln(4096) = 8.3 at init, 16 steps take the 2-ahead prediction down 1.8 (measured)
   assert np.mean(mtp[-4:]) < np.mean(mtp[:2]) - 0.8, mtp
   assert "expert_load" in " ".join(rows[-1]), rows[-1].keys()
 
@@ -62,8 +62,8 @@ def test_mtp_loss_reported_separately_and_falls(muon_vs_adamw):
 def test_muon_trains(muon_vs_adamw):
   m = [r["loss"] for r in muon_vs_adamw["muon"][1]]
   a = [r["loss"] for r in muon_vs_adamw["adamw"][1]]
-  print(f"loss after 24 steps: muon {np.mean(m[-4:]):.3f}, adamw {np.mean(a[-4:]):.3f}")
-  assert np.mean(m[-4:]) < np.mean(m[:2]) - 1.0, m
+  print(f"loss after {STEPS} steps: muon {np.mean(m[-4:]):.3f}, adamw {np.mean(a[-4:]):.3f}")
+  assert np.mean(m[-4:]) < np.mean(m[:2]) - 1.0, m  # measured 1.69 at 16 steps
 
 
 def test_muon_partition_is_every_2d_matrix_except_embeddings_head_gates(tiny_cfg):
