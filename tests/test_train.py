@@ -225,6 +225,10 @@ def test_every_config_trains_two_steps_at_tiny_size(tmp_path, paths):
     # trained above at its own size (test_tiny_config_loss_falls_on_real_corpus) and, with
     # AdamW and Muon, in test_v4_block
     return
+  if all(p.stem.startswith("ablate_") for p in paths):
+    # the suites' shared base run: test_ablate trains it (and every variant) through the
+    # ablation runner, at --smoke and --tiny size
+    return
   out = trainer.run(_tiny_size(paths[0]), tmp_path)
   steps, losses = _losses(tmp_path)
   assert out["step"] == 2 and steps == [1, 2] and np.isfinite(losses).all()
