@@ -12,6 +12,9 @@ from model1 import checkpoint, config, sharding, steps, trainer
 from model1.engram import RowSparseMoment
 
 
+STEPS = 20
+
+
 def _cfg(num_devices, host_table=False, rows=None):
   # Engram is under test: plain dense blocks around it keep the compile small (the V4
   # block with Engram trains in test_train's every-config test)
@@ -23,7 +26,7 @@ def _cfg(num_devices, host_table=False, rows=None):
     m.engram.engram_vocab_size = config.EngramConfig.vocab_sizes_for_budget(
         rows, m.engram.max_ngram_size, m.engram.n_head_per_ngram)
   cfg.mesh.num_devices = num_devices
-  cfg.train.update(steps=30, log_every=1, warmup_steps=4, eval_every=0, ckpt_every=0)
+  cfg.train.update(steps=STEPS, log_every=1, warmup_steps=4, eval_every=0, ckpt_every=0)
   return cfg
 
 
@@ -47,7 +50,8 @@ def test_engram_model_trains_sharded(tmp_path, num_devices):
   assert spec[0] == ("fsdp" if num_devices == 8 else None), spec
   trainer.run(cfg, tmp_path)
   loss = _losses(tmp_path)
-  # ln(4096) = 8.3 at init; 30 AdamW steps reliably reach < 7 on this corpus
+  # ln(4096) = 8.3 at init; 20 AdamW steps fall ~1.7 nats on this corpus (measured 1.68,
+  # and 1.72 at 30 steps; the host-table run the same)
   assert np.mean(loss[-4:]) < np.mean(loss[:2]) - 1.0, loss
 
 
@@ -64,18 +68,18 @@ def test_engram_model_trains_with_host_table(tmp_path):
   mesh = sharding.make_mesh(**cfg.mesh.to_dict())
   model, opt = trainer.build_model_and_optimizer(mcfg, cfg.train, mesh, cfg.seed)
   ckpt = checkpoint.Checkpointer(tmp_path)
-  ckpt.restore(30, model, opt, cfg.model.to_dict(), mesh)
+  ckpt.restore(STEPS, model, opt, cfg.model.to_dict(), mesh)
   ckpt.close()
   emb = _table(model)
   table = emb.embedding.get_value()
-  assert int(emb.adam_count.get_value()) == 30  # the moments came back with the table
+  assert int(emb.adam_count.get_value()) == STEPS  # the moments came back with the table
   assert np.abs(np.asarray(emb.adam_mu.get_value())).max() > 0
   for a in (table, emb.adam_mu.get_value(), emb.adam_nu.get_value()):
     assert a.sharding.memory_kind == "pinned_host", a.sharding
   # the dense optimiser holds no state for the table
   assert all(x.size < table.size for x in jax.tree.leaves(opt.opt_state))
   ds = trainer.load_dataset(cfg)
-  batch = trainer.train_batch(ds, 30, cfg, trainer.engram_mapping(mcfg, ds))
+  batch = trainer.train_batch(ds, STEPS, cfg, trainer.engram_mapping(mcfg, ds))
   dev = trainer.put_batch(batch, mesh)
   with sharding.use_mesh(mesh):
     dev["engram_emb"] = steps.gather_host_rows(model, dev["engram_hash"])
