@@ -7,6 +7,8 @@ Users pass their own files or folders instead (``data.paths``). Each file is a d
 * ``build_manifest`` lists the files (relative path + sha256); its hash keys every cache.
 * ``load_tokenizer`` trains a byte-level BPE with the ``tokenizers`` package on the
   training files (cached by manifest hash and vocabulary size); ``byte`` is the fallback.
+  Cache files are built under a file lock: runs started together on a cold cache (a
+  sweep, the test workers) build each once and the others wait for it.
 * ``corpus_files`` refuses missing paths and corpora with no non-empty UTF-8 text
   (``is_text_file``: no NUL bytes, valid UTF-8 in the first 4 KB, a character cut at the
   boundary allowed).
