@@ -9,6 +9,7 @@ so they overlap on the 2 CI cores. The compile-bound runs use XLA's fast-compile
 the long MQAR run, which keeps the default flags).
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ MQAR_ARGS = ["--suite=synthetic", "--variants=mqar_mix", "--tiny", "--steps=150"
 
 
 def _start(args, xla_flags, log):
-  env = dict(one_device_env(), XLA_FLAGS=xla_flags)
+  env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=str(ROOT))
   return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=log,
                           stderr=subprocess.STDOUT)
 
